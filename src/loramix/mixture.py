@@ -1,0 +1,154 @@
+"""The mixture layer: every adapted Linear holds all experts' LoRA matrices stacked, and adds their
+weighted low-rank delta for a whole batch with per-sequence weights. No merged weight matrix is ever built.
+
+With expert i having A_i [r_i, in], B_i [out, r_i], scaling s_i and routing weight w_i:
+
+- exact  : delta(x) = sum_i w_i s_i B_i A_i x                  (PEFT combination_type="cat")
+- linear : (sum_j c_j B_j)(sum_i c_i A_i) x, c_i = sqrt(w_i s_i)  (PEFT >= 0.7 combination_type="linear")
+- paper  : (sum_j B_j)(sum_i w_i s_i A_i) x                      (PEFT 0.4.0, what the reference code ran)
+
+All three are two small matmuls against the stacked matrices plus element-wise scaling:
+x @ A_cat^T -> [b, t, R] -> scale (and, for the merged modes, sum over experts and re-spread) -> @ B_cat^T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loramix.adapters import ExpertAdapter
+from loramix.errors import LoramixError
+
+MERGE_MODES = ("exact", "linear", "paper")
+
+
+class MixtureState:
+    """Mixing coefficients shared by all mixture layers of one model, set once per routing step."""
+
+    def __init__(self, ranks: list[int], scalings: list[float], mode: str = "exact"):
+        self.ranks = ranks
+        self.scalings = torch.tensor(scalings, dtype=torch.float32)
+        self.mode = "exact"
+        self.set_mode(mode)
+        self.enabled = False  # experts off until weights are set
+        self.scale_a: torch.Tensor | None = None  # [b, 1, R]: applied after x @ A_cat^T
+        self.scale_b: torch.Tensor | None = None  # [b, 1, R]: applied before @ B_cat^T (merged modes)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.ranks)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MERGE_MODES:
+            raise LoramixError(f"Unknown merge mode '{mode}'; choose one of {', '.join(MERGE_MODES)}.")
+        if mode != "exact" and len(set(self.ranks)) > 1:
+            raise LoramixError(
+                f"Merge mode '{mode}' needs experts of equal rank, but the ranks are {self.ranks}. "
+                "Use --merge exact (it mixes any ranks exactly) or retrain the experts with one rank."
+            )
+        self.mode = mode
+
+    def set_weights(self, weights: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
+        """weights: [batch, n_experts] routing weights, or None to switch the experts off (base model)."""
+        if weights is None:
+            self.enabled = False
+            return
+        if weights.dim() != 2 or weights.shape[1] != self.n_experts:
+            raise LoramixError(
+                f"Routing weights must have shape [batch, {self.n_experts}], got {tuple(weights.shape)}."
+            )
+        scaled = weights.float() * self.scalings  # w_i * s_i
+        if self.mode == "exact":
+            scale_a, scale_b = scaled, None
+        elif self.mode == "linear":
+            root = scaled.abs().sqrt()
+            scale_a, scale_b = root * scaled.sign(), root  # the sign goes on one side only, as PEFT does
+        else:  # paper
+            scale_a, scale_b = scaled, torch.ones_like(scaled)
+        self.scale_a = self._spread(scale_a).to(device=device, dtype=dtype)
+        self.scale_b = None if scale_b is None else self._spread(scale_b).to(device=device, dtype=dtype)
+        self.enabled = True
+
+    def _spread(self, per_expert: torch.Tensor) -> torch.Tensor:
+        """[b, n] -> [b, 1, R]: each expert's coefficient repeated over its rank columns."""
+        ranks = torch.tensor(self.ranks)
+        return per_expert.repeat_interleave(ranks, dim=1).unsqueeze(1)
+
+
+class MixtureLinear(nn.Module):
+    """A base Linear plus the routed mixture of all experts' LoRA deltas."""
+
+    def __init__(self, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, state: MixtureState):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_A", lora_A, persistent=False)  # [R, in]: experts' A stacked by rows
+        self.register_buffer("lora_B", lora_B, persistent=False)  # [out, R]: experts' B stacked by columns
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        state = self.state
+        if not state.enabled:
+            return out
+        h = nn.functional.linear(x, self.lora_A) * state.scale_a  # [b, t, R]
+        if state.scale_b is not None:
+            # Merged modes: A' = sum_i a_i A_i, so sum the experts' rank blocks, then spread the result
+            # back over every expert's block, scaled by b_j, so one matmul applies B' = sum_j b_j B_j.
+            n, r = state.n_experts, state.ranks[0]
+            merged = h.unflatten(-1, (n, r)).sum(dim=-2)  # [b, t, r]
+            h = merged.repeat(1, 1, n) * state.scale_b
+        return out + nn.functional.linear(h, self.lora_B)
+
+
+def _stack(experts: list[ExpertAdapter], module_name: str, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    in_features, out_features = base.in_features, base.out_features
+    blocks_A, blocks_B = [], []
+    for expert in experts:
+        pair = expert.modules.get(module_name)
+        if pair is None:  # this expert does not adapt this module: it contributes nothing here
+            blocks_A.append(torch.zeros(expert.rank, in_features))
+            blocks_B.append(torch.zeros(out_features, expert.rank))
+            continue
+        if pair.A.shape[1] != in_features or pair.B.shape[0] != out_features:
+            raise LoramixError(
+                f"Expert '{expert.name}' does not fit this base model: {module_name} is {in_features}->{out_features} "
+                f"but the adapter is {pair.A.shape[1]}->{pair.B.shape[0]}. It was trained on another base model."
+            )
+        blocks_A.append(pair.A)
+        blocks_B.append(pair.B)
+    return torch.cat(blocks_A, dim=0), torch.cat(blocks_B, dim=1)
+
+
+def attach_experts(model: nn.Module, experts: list[ExpertAdapter], mode: str = "exact") -> MixtureState:
+    """Replace every Linear that any expert adapts with a MixtureLinear; returns the shared state."""
+    if not experts:
+        raise LoramixError("At least one expert is needed to build a mixture.")
+    if any(isinstance(m, MixtureLinear) for m in model.modules()):
+        raise LoramixError("This model already has experts attached; call detach_experts first.")
+    state = MixtureState([e.rank for e in experts], [e.scaling for e in experts], mode)
+    module_names = sorted({name for expert in experts for name in expert.modules})
+    modules = dict(model.named_modules())
+    missing = [name for name in module_names if name not in modules]
+    if missing:
+        raise LoramixError(
+            f"The experts adapt modules this base model does not have (e.g. {missing[0]}); "
+            "they were trained on another base model."
+        )
+    reference = next(model.parameters())
+    for name in module_names:
+        base = modules[name]
+        if not hasattr(base, "in_features"):
+            raise LoramixError(f"Module {name} is a {type(base).__name__}; only Linear layers can carry experts.")
+        lora_A, lora_B = _stack(experts, name, base)
+        mixed = MixtureLinear(base, lora_A.to(reference), lora_B.to(reference), state)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, mixed)
+    return state
+
+
+def detach_experts(model: nn.Module) -> None:
+    """Put the original Linear layers back."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MixtureLinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)

@@ -1,0 +1,257 @@
+"""The gradient-free router: cosine similarity of the text so far to each task's centroid, turned into weights.
+
+Centroids are the mean sentence embedding (all-MiniLM-L6-v2 by default) of each task's training texts.
+The embedder truncates its input (256 word pieces for MiniLM); once a text is longer, new tokens no longer
+change its embedding, so a routing step whose truncated input is unchanged reuses the last embedding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from loramix.errors import LoramixError
+from loramix.models import DEFAULT_EMBEDDER, resolve_embedder
+
+PAPER_TEMPERATURE = 4.0
+SOFTMAX_TEMPERATURE = 0.1
+
+
+class Embedder:
+    """A sentence-transformers model used for routing: texts -> unit vectors."""
+
+    def __init__(self, name: str = DEFAULT_EMBEDDER, device: str | torch.device = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name
+        location = resolve_embedder(name)
+        try:
+            self.model = SentenceTransformer(location, device=str(device))
+        except OSError as exc:
+            raise LoramixError(f"Could not load embedder '{name}' ({location}): {exc}") from exc
+        self.model.eval()
+        self.max_length = self.model.max_seq_length
+
+    @property
+    def dim(self) -> int:
+        return self.model.get_embedding_dimension()
+
+    def truncated_ids(self, texts: Sequence[str]) -> tuple[dict, list[tuple[int, ...]]]:
+        """Tokenize as the embedder will see the texts (truncated); also return each text's kept ids."""
+        features = self.model.preprocess(list(texts))
+        ids = [tuple(row[mask.bool()].tolist()) for row, mask in zip(features["input_ids"], features["attention_mask"])]
+        return features, ids
+
+    @torch.inference_mode()
+    def embed_features(self, features: dict) -> torch.Tensor:
+        features = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        vectors = self.model(features)["sentence_embedding"].float()
+        return torch.nn.functional.normalize(vectors, dim=-1).cpu()
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=batch_size,
+            convert_to_tensor=True,
+            show_progress_bar=progress,
+            normalize_embeddings=True,
+        )
+        return vectors.float().cpu()
+
+
+def build_centroids(
+    embedder: Embedder, texts_by_expert: dict[str, Sequence[str]], batch_size: int = 64, progress: bool = False
+) -> torch.Tensor:
+    """[n_experts, dim]: the mean embedding of each expert's training texts, rows in dict order."""
+    rows = []
+    for name, texts in texts_by_expert.items():
+        if not texts:
+            raise LoramixError(f"Expert '{name}' has no training texts to build its centroid from.")
+        rows.append(embedder.embed(texts, batch_size=batch_size, progress=progress).mean(dim=0))
+    return torch.stack(rows)
+
+
+def save_centroids(path: Path, centroids: torch.Tensor, expert_names: list[str], embedder: str) -> None:
+    save_file(
+        {"centroids": centroids.float().contiguous()},
+        str(path),
+        metadata={"experts": ",".join(expert_names), "embedder": embedder},
+    )
+
+
+def load_centroids(path: Path, n_experts: int) -> torch.Tensor:
+    if not path.is_file():
+        raise LoramixError(f"Router file {path} is missing; build it with `loramix router build`.")
+    try:
+        centroids = load_file(str(path))["centroids"].float()
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise LoramixError(f"Router file {path} is corrupt or has no 'centroids' tensor; rebuild it.") from exc
+    if centroids.dim() != 2 or centroids.shape[0] != n_experts:
+        raise LoramixError(
+            f"Router file {path} has centroids of shape {tuple(centroids.shape)} but the bundle lists "
+            f"{n_experts} experts; rebuild it with `loramix router build`."
+        )
+    return centroids
+
+
+# ---- routing rules: similarities [b, n] -> weights [b, n], rows summing to 1 ----
+
+
+def paper_weights(similarities: torch.Tensor, temperature: float = PAPER_TEMPERATURE) -> torch.Tensor:
+    """The paper's rule: multiply the largest similarity by T, leave the others, softmax."""
+    boosted = similarities.clone()
+    top = similarities.argmax(dim=-1, keepdim=True)
+    boosted.scatter_(-1, top, similarities.gather(-1, top) * temperature)
+    return boosted.softmax(dim=-1)
+
+
+def softmax_weights(similarities: torch.Tensor, temperature: float = SOFTMAX_TEMPERATURE) -> torch.Tensor:
+    return (similarities / temperature).softmax(dim=-1)
+
+
+def top1_weights(similarities: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(similarities.argmax(dim=-1), similarities.shape[-1]).float()
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """How weights are chosen during generation.
+
+    kind: "dynamic" (re-route from the text every k tokens), "prompt" (route once on the prompt),
+    "fixed" (constant weights, no embedding at all) or "base" (experts off).
+    """
+
+    spec: str
+    kind: str
+    rule: Callable[[torch.Tensor], torch.Tensor] | None = None
+    fixed: tuple[float, ...] | None = None
+
+    @property
+    def needs_router(self) -> bool:
+        return self.kind in ("dynamic", "prompt")
+
+
+ROUTE_HELP = "paper[:T], softmax[:T], top1, prompt[:RULE], base, uniform, oracle:NAME, fixed:w1,w2,..."
+
+
+def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    name, _, arg = spec.partition(":")
+    if name == "top1" and not arg:
+        return top1_weights
+    if name in ("paper", "softmax"):
+        default = PAPER_TEMPERATURE if name == "paper" else SOFTMAX_TEMPERATURE
+        try:
+            temperature = float(arg) if arg else default
+        except ValueError:
+            raise LoramixError(f"Route rule '{spec}': the temperature '{arg}' is not a number.") from None
+        if temperature <= 0:
+            raise LoramixError(f"Route rule '{spec}': the temperature must be positive.")
+        function = paper_weights if name == "paper" else softmax_weights
+        return lambda sims: function(sims, temperature)
+    return None
+
+
+def parse_route(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
+    """Parse a --route value against the bundle's expert names (see ROUTE_HELP)."""
+    spec = spec.strip()
+    n = len(expert_names)
+    rule = _parse_rule(spec)
+    if rule is not None:
+        return RoutePolicy(spec, "dynamic", rule=rule)
+    name, _, arg = spec.partition(":")
+    if name == "prompt":
+        rule = _parse_rule(arg or "paper")
+        if rule is None:
+            raise LoramixError(f"Route '{spec}': '{arg}' is not a routing rule (paper[:T], softmax[:T], top1).")
+        return RoutePolicy(spec, "prompt", rule=rule)
+    if spec == "base":
+        return RoutePolicy(spec, "base")
+    if spec == "uniform":
+        return RoutePolicy(spec, "fixed", fixed=tuple([1.0 / n] * n))
+    if name == "oracle":
+        if arg not in expert_names:
+            raise LoramixError(f"Route '{spec}': no expert named '{arg}'; the experts are {', '.join(expert_names)}.")
+        return RoutePolicy(spec, "fixed", fixed=tuple(1.0 if e == arg else 0.0 for e in expert_names))
+    if name == "fixed":
+        try:
+            weights = tuple(float(w) for w in arg.split(","))
+        except ValueError:
+            raise LoramixError(f"Route '{spec}': fixed weights must be numbers, e.g. fixed:0.5,0.2,0.2,0.1.") from None
+        if len(weights) != n:
+            raise LoramixError(
+                f"Route '{spec}' gives {len(weights)} weights but the bundle has {n} experts "
+                f"({', '.join(expert_names)})."
+            )
+        if any(w < 0 for w in weights):
+            raise LoramixError(f"Route '{spec}': weights must not be negative.")
+        return RoutePolicy(spec, "fixed", fixed=weights)
+    raise LoramixError(f"Unknown route rule '{spec}'; choose one of {ROUTE_HELP}.")
+
+
+@dataclass
+class RoutingStats:
+    embedded: int = 0  # texts run through the embedder
+    reused: int = 0  # routing steps whose truncated input was unchanged (embedding reused)
+    seconds: float = 0.0
+
+
+@dataclass
+class CentroidRouter:
+    """Embeds texts and compares them with the task centroids, reusing embeddings whose input is unchanged."""
+
+    embedder: Embedder
+    centroids: torch.Tensor  # [n_experts, dim]
+    stats: RoutingStats = field(default_factory=RoutingStats)
+
+    def __post_init__(self):
+        if self.centroids.shape[1] != self.embedder.dim:
+            raise LoramixError(
+                f"The router's centroids are {self.centroids.shape[1]}-dimensional but embedder "
+                f"'{self.embedder.name}' gives {self.embedder.dim}; rebuild the router with this embedder."
+            )
+        self._unit_centroids = torch.nn.functional.normalize(self.centroids.float(), dim=-1)
+        self._last: dict[object, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        """Forget cached embeddings (call between generations)."""
+        self._last.clear()
+
+    def similarities(
+        self, texts: Sequence[str], keys: Sequence[object] | None = None
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """Cosine similarities [len(texts), n_experts]; `keys` name the sequences for embedding reuse.
+
+        Returns the similarities and, per text, whether its embedding was reused because the embedder's
+        truncated input had not changed since that key's last routing step.
+        """
+        start = time.perf_counter()
+        features, ids = self.embedder.truncated_ids(texts)
+        keys = list(keys) if keys is not None else [None] * len(texts)
+        vectors: list[torch.Tensor | None] = [None] * len(texts)
+        reused = [False] * len(texts)
+        for i, key in enumerate(keys):
+            cached = self._last.get(key) if key is not None else None
+            if cached is not None and cached[0] == ids[i]:
+                vectors[i], reused[i] = cached[1], True
+        todo = [i for i, v in enumerate(vectors) if v is None]
+        if todo:
+            width = max(len(ids[i]) for i in todo)
+            subset = {
+                k: v[todo][:, :width] for k, v in features.items() if isinstance(v, torch.Tensor) and v.dim() == 2
+            }
+            for i, vector in zip(todo, self.embedder.embed_features(subset)):
+                vectors[i] = vector
+                if keys[i] is not None:
+                    self._last[keys[i]] = (ids[i], vector)
+        self.stats.embedded += len(todo)
+        self.stats.reused += len(texts) - len(todo)
+        sims = torch.stack(vectors) @ self._unit_centroids.T
+        self.stats.seconds += time.perf_counter() - start
+        return sims, reused

@@ -1,0 +1,57 @@
+"""CodeAlpaca instructions: `{instruction}\nInput: {input}\n\nAnswer: {output}` (no Input line when empty).
+
+The 20k set is not available offline; the 2k file from the same repository stands in. It is split
+90/10: indices shuffled with random.Random(0), the first 90% train, the rest test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from loramix.errors import LoramixError
+from loramix.tasks.base import Example, Task, require_file
+
+SPLIT_SEED = 0
+TRAIN_FRACTION = 0.9
+
+
+def render_prompt(instruction: str, input_text: str) -> str:
+    if input_text.strip():
+        return f"{instruction}\nInput: {input_text}\n\nAnswer:"
+    return f"{instruction}\n\nAnswer:"
+
+
+def split_indices(count: int, split: str) -> list[int]:
+    order = list(range(count))
+    random.Random(SPLIT_SEED).shuffle(order)
+    cut = int(count * TRAIN_FRACTION)
+    return sorted(order[:cut] if split == "train" else order[cut:])
+
+
+def load(data_dir: Path, split: str) -> list[Example]:
+    path = require_file(data_dir / "codealpaca" / "code_alpaca_2k.json", "CodeAlpaca file")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LoramixError(f"{path} is not valid JSON ({exc.msg}).") from exc
+    return [
+        Example(
+            id=f"codealpaca/{index}",
+            prompt=render_prompt(rows[index]["instruction"], rows[index].get("input", "")),
+            target=rows[index]["output"],
+            references=(rows[index]["output"],),
+        )
+        for index in split_indices(len(rows), split)
+    ]
+
+
+TASK = Task(
+    name="codealpaca",
+    title="CodeAlpaca",
+    loader=load,
+    splits=("train", "test"),
+    max_new_tokens=192,
+    stop=("\n\n\n",),
+)
