@@ -220,7 +220,7 @@ class MixtureModel:
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
         # transformers 5 renamed past_key_values to cache; the cache object is updated in place.
         cache_argument = {self._cache_keyword: cache}
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

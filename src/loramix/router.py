@@ -48,13 +48,13 @@ class Embedder:
         ids = [tuple(row[mask.bool()].tolist()) for row, mask in zip(features["input_ids"], features["attention_mask"])]
         return features, ids
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed_features(self, features: dict) -> torch.Tensor:
         features = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         vectors = self.model(features)["sentence_embedding"].float()
         return torch.nn.functional.normalize(vectors, dim=-1).cpu()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         vectors = self.model.encode(
             list(texts),

@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny random Llama with random LoRA experts, a tiny task data folder, MiniLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import make_random_expert, make_tiny_base  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Tests never touch the user's cache, except the real-model tests, which share the converted model."""
+    monkeypatch.setenv(
+        "LORAMIX_HOME", os.environ.get("LORAMIX_TEST_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_experts(tiny_base, tmp_path_factory) -> list[Path]:
+    """Three random rank-4 q/v experts, tagged with the tasks gsm8k, arc and codealpaca."""
+    from loramix.models import base_model_signature, load_base_model
+
+    model, _ = load_base_model(str(tiny_base))
+    signature = base_model_signature(model)
+    root = tmp_path_factory.mktemp("experts")
+    return [
+        make_random_expert(
+            tiny_base,
+            root / task,
+            seed=seed,
+            metadata={"task": task, "base_model": str(tiny_base), "base_model_signature": signature},
+        )
+        for seed, task in enumerate(["gsm8k", "arc", "codealpaca"])
+    ]
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from loramix.router import Embedder
+
+    return Embedder()
+
+
+def write_tiny_data(root: Path) -> Path:
+    """A few items per task in the layout of ../shared/data."""
+    (root / "gsm8k").mkdir(parents=True)
+    gsm = [
+        {
+            "question": f"Tom has {i} apples and buys {i + 1} more. How many?",
+            "answer": f"{i}+{i + 1}={2 * i + 1}\n#### {2 * i + 1}",
+        }
+        for i in range(12)
+    ]
+    for split in ("train", "test"):
+        (root / "gsm8k" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in gsm))
+    (root / "arc_challenge").mkdir()
+    arc = [
+        {
+            "id": f"q{i}",
+            "question": {
+                "stem": f"Which is a planet {i}?",
+                "choices": [{"label": "1", "text": "Mars"}, {"label": "2", "text": "Moon"}],
+            },
+            "answerKey": "1",
+        }
+        for i in range(12)
+    ]
+    for name in ("Train", "Dev", "Test"):
+        (root / "arc_challenge" / f"ARC-Challenge-{name}.jsonl").write_text("\n".join(json.dumps(r) for r in arc))
+    (root / "squad_v1.1").mkdir()
+    articles = [
+        {
+            "title": f"T{a}",
+            "paragraphs": [
+                {
+                    "context": f"Article {a} says the sky is blue.",
+                    "qas": [
+                        {"id": f"s{a}", "question": "What colour?", "answers": [{"text": "blue", "answer_start": 0}]}
+                    ],
+                }
+            ],
+        }
+        for a in range(8)
+    ]
+    (root / "squad_v1.1" / "dev-v1.1.json").write_text(json.dumps({"data": articles, "version": "1.1"}))
+    (root / "codealpaca").mkdir()
+    code = [
+        {"instruction": f"Write code number {i}.", "input": "x = 1" if i % 2 else "", "output": f"print({i})"}
+        for i in range(20)
+    ]
+    (root / "codealpaca" / "code_alpaca_2k.json").write_text(json.dumps(code))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_base, tiny_experts, tiny_data, tmp_path_factory) -> Path:
+    from loramix.bundle import build_bundle
+
+    root = tmp_path_factory.mktemp("bundle")
+    build_bundle(root, {p.name: p for p in tiny_experts}, base_model=str(tiny_base), data=tiny_data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_mixture(tiny_bundle):
+    from loramix.generation import MixtureModel
+
+    return MixtureModel.from_bundle(tiny_bundle)

@@ -1,0 +1,85 @@
+"""The command line as a user meets it: JSON output, and one clear line (no traceback) for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, home=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if home is not None:
+        env["LORAMIX_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "loramix", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_generate_json(tiny_bundle):
+    done = run_cli("generate", "Question: What is 2 + 3?\n\nAnswer:", "--bundle", str(tiny_bundle), "--json",
+                   "--max-new-tokens", "6", "--min-new-tokens", "6", "--every-k", "3")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["experts"] == ["gsm8k", "arc", "codealpaca"]
+    assert len(payload["token_ids"]) == len(payload["weights"]) == len(payload["tokens"]) == 6
+    assert payload["reroutes"] == [0, 3]
+    assert all(abs(sum(row) - 1) < 1e-4 for row in payload["weights"])
+    assert payload["prompt_token_ids"] and set(payload["timing"]) >= {
+        "prefill",
+        "decode",
+        "routing",
+        "tokens_per_second",
+    }
+
+
+def test_generate_trace_streams_and_summarises(tiny_bundle):
+    done = run_cli("generate", "Write a function.\n\nAnswer:", "--bundle", str(tiny_bundle), "--trace",
+                   "--max-new-tokens", "5", "--min-new-tokens", "5")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "routing weights" in done.stdout and "codealpaca" in done.stdout and "re-routes" in done.stdout
+
+
+def test_info_json(tmp_path):
+    done = run_cli("info", "--json", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for key in ("version", "cache_dir", "default_bundle", "base_model_path", "embedder_path"):
+        assert key in report
+    assert report["cache_dir"] == str(tmp_path)
+    assert os.path.isdir(report["embedder_path"])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--every-k", "0"], "--every-k must be a positive"),
+        (["--route", "magic"], "Unknown route rule"),
+        (["--route", "fixed:1,1"], "gives 2 weights"),
+        (["--merge", "blend"], "Unknown merge mode"),
+    ],
+)
+def test_bad_generate_options_print_one_clear_error(tiny_bundle, args, message):
+    done = run_cli("generate", "Hello", "--bundle", str(tiny_bundle), "--max-new-tokens", "2", *args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_empty_prompt_and_missing_bundle(tiny_bundle, tmp_path):
+    done = run_cli("generate", "  ", "--bundle", str(tiny_bundle))
+    assert done.returncode == 2 and "empty" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("generate", "Hi", "--bundle", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "not a bundle" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_router_build_rejects_malformed_expert_options(tmp_path):
+    done = run_cli("router", "build", str(tmp_path / "b"), "--expert", "no-equals-sign")
+    assert done.returncode == 2 and "NAME=DIR" in done.stderr

@@ -1,0 +1,106 @@
+"""Routing rules, route specs and the embedding reuse once the embedder's input stops changing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramix.errors import LoramixError
+from loramix.router import CentroidRouter, paper_weights, parse_route, softmax_weights, top1_weights
+
+NAMES = ["gsm8k", "arc", "squad", "codealpaca"]
+
+
+def test_paper_rule_matches_the_worked_example():
+    weights = paper_weights(torch.tensor([[0.6, 0.3, 0.2, 0.1]]))
+    assert torch.allclose(weights, torch.tensor([[0.75, 0.092, 0.083, 0.075]]), atol=5e-3)
+
+
+def test_paper_rule_only_boosts_the_largest_and_is_never_one_hot():
+    sims = torch.tensor([[0.1, 0.9, 0.2], [0.5, 0.5, 0.4]])
+    weights = paper_weights(sims, temperature=4.0)
+    assert weights[0].argmax() == 1 and weights[0].max() < 1.0
+    expected = torch.softmax(torch.tensor([0.1, 3.6, 0.2]), dim=0)
+    assert torch.allclose(weights[0], expected)
+
+
+@pytest.mark.parametrize("rule", [paper_weights, softmax_weights, top1_weights])
+def test_rules_give_rows_that_sum_to_one(rule):
+    sims = torch.rand(5, 4) * 2 - 1
+    weights = rule(sims)
+    assert weights.shape == (5, 4)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(5))
+    assert (weights >= 0).all()
+
+
+def test_softmax_temperature_sharpens():
+    sims = torch.tensor([[0.5, 0.4]])
+    assert softmax_weights(sims, 0.01)[0, 0] > softmax_weights(sims, 1.0)[0, 0]
+
+
+def test_parse_route_policies():
+    assert parse_route("paper", NAMES).kind == "dynamic"
+    assert parse_route("paper:2", NAMES).rule(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))[0, 0] == pytest.approx(
+        torch.softmax(torch.tensor([2.0, 0, 0, 0]), 0)[0].item()
+    )
+    assert parse_route("prompt", NAMES).kind == "prompt"
+    assert parse_route("prompt:top1", NAMES).kind == "prompt"
+    assert parse_route("base", NAMES).kind == "base"
+    assert parse_route("uniform", NAMES).fixed == (0.25, 0.25, 0.25, 0.25)
+    assert parse_route("oracle:squad", NAMES).fixed == (0.0, 0.0, 1.0, 0.0)
+    assert parse_route("fixed:1,1,1,1", NAMES).fixed == (1.0, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("nonsense", "Unknown route rule"),
+        ("oracle:poetry", "no expert named 'poetry'"),
+        ("fixed:0.5,0.5", "gives 2 weights but the bundle has 4 experts"),
+        ("fixed:0.5,-0.1,0.3,0.3", "must not be negative"),
+        ("fixed:a,b,c,d", "must be numbers"),
+        ("paper:hot", "not a number"),
+        ("softmax:0", "must be positive"),
+        ("prompt:bogus", "is not a routing rule"),
+    ],
+)
+def test_bad_route_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(LoramixError, match=message):
+        parse_route(spec, NAMES)
+
+
+def test_router_prefers_the_matching_centroid(embedder):
+    centroids = embedder.embed(
+        ["solve the arithmetic word problem", "python function code", "biology cell photosynthesis"]
+    )
+    router = CentroidRouter(embedder, centroids)
+    sims, _ = router.similarities(["def add(a, b): return a + b  # python function"])
+    assert sims[0].argmax() == 1
+
+
+def test_embedding_is_reused_once_the_truncated_input_stops_changing(embedder):
+    router = CentroidRouter(embedder, torch.randn(2, embedder.dim))
+    long_text = "The cell membrane controls what enters the cell. " * 80  # far past 256 word pieces
+    first, reused_first = router.similarities([long_text], keys=[0])
+    second, reused_second = router.similarities([long_text + " More text."], keys=[0])
+    assert reused_first == [False] and reused_second == [True]
+    assert torch.equal(first, second)
+    assert router.stats.embedded == 1 and router.stats.reused == 1
+    # a short text that grows does change the embedding, and is re-embedded
+    router.similarities(["Short text."], keys=[1])
+    _, reused = router.similarities(["Short text. Longer now."], keys=[1])
+    assert reused == [False]
+
+
+def test_reused_embedding_equals_a_fresh_one(embedder):
+    long_text = "Rivers carry sediment to the sea. " * 90
+    router = CentroidRouter(embedder, torch.randn(3, embedder.dim))
+    router.similarities([long_text], keys=["a"])
+    cached, _ = router.similarities([long_text + " Extra."], keys=["a"])
+    fresh, _ = CentroidRouter(embedder, router.centroids).similarities([long_text + " Extra."])
+    assert torch.allclose(cached, fresh, atol=1e-6)
+
+
+def test_centroid_dimension_must_match_the_embedder(embedder):
+    with pytest.raises(LoramixError, match="rebuild the router"):
+        CentroidRouter(embedder, torch.randn(4, 17))
