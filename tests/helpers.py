@@ -56,6 +56,7 @@ def make_random_expert(
     alpha: float = 8.0,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
     metadata: dict | None = None,
+    std: float = 0.3,
 ) -> Path:
     """A PEFT LoRA adapter with random (non-zero) A and B, saved as a standard adapter folder."""
     import json
@@ -72,7 +73,7 @@ def make_random_expert(
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.normal_(0.0, 0.3)
+                param.normal_(0.0, std)
     peft_model.save_pretrained(out)
     if metadata is not None:
         (out / "loramix_expert.json").write_text(json.dumps(metadata))

