@@ -74,30 +74,34 @@ def test_router_prefers_the_matching_centroid(embedder):
         ["solve the arithmetic word problem", "python function code", "biology cell photosynthesis"]
     )
     router = CentroidRouter(embedder, centroids)
-    sims, _ = router.similarities(["def add(a, b): return a + b  # python function"])
-    assert sims[0].argmax() == 1
+    outcome = router.similarities(["def add(a, b): return a + b  # python function"])
+    assert outcome.similarities[0].argmax() == 1
 
 
 def test_embedding_is_reused_once_the_truncated_input_stops_changing(embedder):
     router = CentroidRouter(embedder, torch.randn(2, embedder.dim))
     long_text = "The cell membrane controls what enters the cell. " * 80  # far past 256 word pieces
-    first, reused_first = router.similarities([long_text], keys=[0])
-    second, reused_second = router.similarities([long_text + " More text."], keys=[0])
-    assert reused_first == [False] and reused_second == [True]
-    assert torch.equal(first, second)
+    first = router.similarities([long_text], keys=[0])
+    second = router.similarities([long_text + " More text."], keys=[0])
+    assert first.reused == [False] and second.reused == [True]
+    assert first.at_limit == second.at_limit == [True]
+    assert torch.equal(first.similarities, second.similarities)
     assert router.stats.embedded == 1 and router.stats.reused == 1
     # a short text that grows does change the embedding, and is re-embedded
-    router.similarities(["Short text."], keys=[1])
-    _, reused = router.similarities(["Short text. Longer now."], keys=[1])
-    assert reused == [False]
+    short = router.similarities(["Short text."], keys=[1])
+    grown = router.similarities(["Short text. Longer now."], keys=[1])
+    assert grown.reused == [False] and short.at_limit == grown.at_limit == [False]
+    # a short text that only gains white space keeps its word pieces: reused, yet not frozen
+    spaced = router.similarities(["Short text. Longer now.\n\n"], keys=[1])
+    assert spaced.reused == [True] and spaced.at_limit == [False]
 
 
 def test_reused_embedding_equals_a_fresh_one(embedder):
     long_text = "Rivers carry sediment to the sea. " * 90
     router = CentroidRouter(embedder, torch.randn(3, embedder.dim))
     router.similarities([long_text], keys=["a"])
-    cached, _ = router.similarities([long_text + " Extra."], keys=["a"])
-    fresh, _ = CentroidRouter(embedder, router.centroids).similarities([long_text + " Extra."])
+    cached = router.similarities([long_text + " Extra."], keys=["a"]).similarities
+    fresh = CentroidRouter(embedder, router.centroids).similarities([long_text + " Extra."]).similarities
     assert torch.allclose(cached, fresh, atol=1e-6)
 
 

@@ -24,11 +24,12 @@ DEMO_MAX_NEW_TOKENS = 48
 
 def train_quick_bundle(root: Path, console: Console, data: str | Path | None = None) -> Path:
     """Train one small expert per task and build the router: a working bundle in a few minutes."""
-    for number, task in enumerate(TASKS, start=1):
+    experts = {task: root / "experts" / task for task in TASKS}
+    for number, (task, folder) in enumerate(experts.items(), start=1):
         console.print(f"[bold]training expert {number}/{len(TASKS)}: {task}[/] ({QUICK_EXAMPLES} examples)")
-        train_expert(TrainConfig(task=task, max_examples=QUICK_EXAMPLES), root / "experts" / task, data=data)
+        train_expert(TrainConfig(task=task, max_examples=QUICK_EXAMPLES), folder, data=data)
     console.print("[bold]building the router[/] (embedding each task's training texts)")
-    build_bundle(root, data=data, max_examples=QUICK_ROUTER_EXAMPLES, progress=True)
+    build_bundle(root, experts, data=data, max_examples=QUICK_ROUTER_EXAMPLES, progress=True)
     return root
 
 

@@ -67,7 +67,8 @@ class GenerationResult:
     tokens: list[str]
     weights: torch.Tensor  # [n_tokens, n_experts]: the weights that produced each generated token
     reroutes: list[int]  # indices of generated tokens at which the router ran
-    frozen_reroutes: int  # re-routes whose embedder input was unchanged (text past the embedder's limit)
+    frozen_reroutes: int  # re-routes whose text filled the embedder's input limit (256 word pieces for MiniLM)
+    reused_embeddings: int  # re-routes whose embedder input was unchanged, so the last embedding was reused
     finish_reason: str  # "eos", "stop" or "length"
     timing: dict[str, float]  # of the batch this sequence ran in
 
@@ -81,6 +82,7 @@ class GenerationResult:
             "weights": [[round(w, 6) for w in row] for row in self.weights.tolist()],
             "reroutes": self.reroutes,
             "frozen_reroutes": self.frozen_reroutes,
+            "reused_embeddings": self.reused_embeddings,
             "finish_reason": self.finish_reason,
             "timing": {k: round(v, 6) for k, v in self.timing.items()},
         }
@@ -132,6 +134,7 @@ class _Sequence:
     weights: list[torch.Tensor] = field(default_factory=list)
     reroutes: list[int] = field(default_factory=list)
     frozen: int = 0
+    reused: int = 0
     finish_reason: str | None = None
 
 
@@ -294,11 +297,12 @@ class GenerationStream:
             return torch.tensor([policy.fixed] * len(rows))
         start = time.perf_counter()
         texts = [self._routing_text(self.sequences[i]) for i in rows]
-        sims, reused = self.mx.router.similarities(texts, keys=rows)
-        for i, was_reused in zip(rows, reused):
-            self.sequences[i].frozen += int(was_reused)
+        outcome = self.mx.router.similarities(texts, keys=rows)
+        for i, reused, at_limit in zip(rows, outcome.reused, outcome.at_limit):
+            self.sequences[i].reused += int(reused)
+            self.sequences[i].frozen += int(at_limit)
         self.timing["routing"] += time.perf_counter() - start
-        return policy.rule(sims)
+        return policy.rule(outcome.similarities)
 
     def _reroutes_at(self, step: int) -> bool:
         """Whether the router runs before generated token `step` (fixed policies never run it)."""
@@ -430,6 +434,7 @@ class GenerationStream:
                     weights=torch.stack(seq.weights) if seq.weights else torch.zeros(0, self.n_experts),
                     reroutes=seq.reroutes,
                     frozen_reroutes=seq.frozen,
+                    reused_embeddings=seq.reused,
                     finish_reason=seq.finish_reason or "length",
                     timing=timing,
                 )

@@ -199,7 +199,17 @@ def parse_route(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
 class RoutingStats:
     embedded: int = 0  # texts run through the embedder
     reused: int = 0  # routing steps whose truncated input was unchanged (embedding reused)
+    at_limit: int = 0  # routing steps whose text filled the embedder's input limit (routing frozen)
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoutingOutcome:
+    """Cosine similarities [n_texts, n_experts] and, per text, how its embedding came about."""
+
+    similarities: torch.Tensor
+    reused: list[bool]  # the embedder's truncated input was unchanged since this key's last step
+    at_limit: list[bool]  # the text filled the embedder's input limit: later tokens cannot change it
 
 
 @dataclass
@@ -250,8 +260,10 @@ class CentroidRouter:
                 vectors[i] = vector
                 if keys[i] is not None:
                     self._last[keys[i]] = (ids[i], vector)
+        at_limit = [len(kept) >= self.embedder.max_length for kept in ids]
         self.stats.embedded += len(todo)
         self.stats.reused += len(texts) - len(todo)
+        self.stats.at_limit += sum(at_limit)
         sims = torch.stack(vectors) @ self._unit_centroids.T
         self.stats.seconds += time.perf_counter() - start
-        return sims, reused
+        return RoutingOutcome(sims, reused, at_limit)
