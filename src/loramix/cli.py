@@ -64,6 +64,7 @@ def train(
     max_length: Annotated[int, typer.Option(help="Longest example in tokens; longer ones are skipped.")] = 512,
     seed: int = 0,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (re-running resumes).")] = 20,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (faster; adapter weights stay fp32).")] = True,
     data_dir: DataDir = None,
     force: Annotated[bool, typer.Option(help="Retrain even if OUT holds an expert or other checkpoints.")] = False,
 ) -> None:
@@ -73,7 +74,7 @@ def train(
     config = TrainConfig(
         task=task, base_model=base, rank=rank, lora_alpha=alpha, dropout=dropout, max_examples=max_examples,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, learning_rate=lr, max_length=max_length,
-        seed=seed, save_steps=save_steps,
+        seed=seed, save_steps=save_steps, bf16=bf16,
     )  # fmt: skip
     metadata = train_expert(config, out, data=data_dir, force=force)
     console.print(

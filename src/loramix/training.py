@@ -50,6 +50,7 @@ class TrainConfig:
     max_length: int = 512
     seed: int = 0
     save_steps: int = 20
+    bf16: bool = True  # bf16 autocast: ~1.7x faster on a CPU with AVX512-BF16; adapter weights stay fp32
 
     def validate(self) -> None:
         checks = {
@@ -190,6 +191,7 @@ def train_expert(
         remove_unused_columns=False,
         disable_tqdm=quiet,
         use_cpu=not torch.cuda.is_available(),
+        bf16=config.bf16,
     )
     trainer = Trainer(
         model=peft_model, args=arguments, train_dataset=rows, data_collator=_PadCollator(tokenizer.pad_token_id)
