@@ -11,6 +11,7 @@ CORPUS = [
     "Context:\nThe sky is blue.\n\nQuestion: What colour is the sky?\n\nAnswer: blue",
     "Write a function that adds two numbers.\n\nAnswer: def add(a, b): return a + b",
     "Question: Which gas do plants take in?\nChoices: A. oxygen\nB. carbon dioxide\n\nAnswer: B",
+    "Answer: A Answer: B Answer: C Answer: D Answer: E",
 ] * 20
 
 

@@ -179,6 +179,86 @@ def generate(
         console.print(f"[dim]{timing_line(result)}[/]")
 
 
+@app.command("eval")
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="Folder for items.jsonl, results.json/.md and plots.")],
+    bundle: BundleDir = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = "gsm8k,arc,squad,codealpaca",
+    configs: Annotated[
+        str,
+        typer.Option(
+            help="base, expert:NAME, oracle, uniform, prompt, tla:k=K[,decode=..,merge=..,route=..], arrow, paper"
+        ),
+    ] = "paper",
+    limit: Annotated[int | None, typer.Option(help="First N test items per task (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    merge: Annotated[str, typer.Option(help="Default merge mode for configs that do not set one.")] = "exact",
+    route: Annotated[str, typer.Option(help="Default routing rule for tla and prompt configs.")] = "paper",
+    decode: Annotated[str, typer.Option(help="Default decode mode for tla configs.")] = "cached",
+    max_new_tokens: Annotated[int | None, typer.Option(help="Cap every task's generation budget (smoke runs).")] = None,
+    data_dir: DataDir = None,
+    report_only: Annotated[bool, typer.Option(help="Only rewrite the report from the items already scored.")] = False,
+) -> None:
+    """The paper's comparison with bootstrap CIs; re-running resumes (finished items are skipped)."""
+    from loramix.bundle import Bundle, resolve_bundle
+    from loramix.evaluation import EvalPlan, distributed_rank, run_evaluation
+    from loramix.report import write_report
+
+    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    plan = EvalPlan(
+        bundle=bundle, tasks=task_list, configs=configs, out=out, limit=limit, batch_size=batch_size, split=split,
+        data=data_dir, decode=decode, merge=merge, route=route, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    rank, world = distributed_rank()
+    if not report_only:
+        store = run_evaluation(plan, progress=rank == 0)
+        if store.dropped:
+            err_console.print(f"[yellow]{store.dropped} unreadable result line(s) were dropped and redone.[/]")
+        if world > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+    if rank != 0:
+        return
+    used = Bundle.load(resolve_bundle(bundle))
+    meta = {
+        "bundle": str(used.root), "base_model": used.base_model, "experts": used.expert_names, "split": split,
+        "limit": limit, "max_new_tokens": max_new_tokens, "command": "loramix " + " ".join(sys.argv[1:]),
+    }  # fmt: skip
+    results = write_report(out, meta)
+    if not results:
+        raise LoramixError(f"No scored items in {out} yet.")
+    _print_results(results)
+    console.print(f"[green]report written to {out / 'results.md'}[/]")
+
+
+def _print_results(results: dict) -> None:
+    from rich.table import Table
+
+    from loramix.metrics import PRIMARY_METRIC
+
+    tasks = [t for t in PRIMARY_METRIC if any(t in row for row in results["table"].values())]
+    table = Table(title="primary metric x100 [95% CI]", title_justify="left")
+    table.add_column("config")
+    for task in tasks:
+        table.add_column(f"{task} ({PRIMARY_METRIC[task]})", justify="right")
+    table.add_column("average", justify="right")
+    for config, row in results["table"].items():
+        cells = []
+        for key in [*tasks, "average"]:
+            cell = row.get(key)
+            if cell is not None and key != "average":
+                cell = cell["metrics"][PRIMARY_METRIC[key]]
+            cells.append(
+                f"{100 * cell['mean']:.1f} [{100 * cell['ci'][0]:.1f}, {100 * cell['ci'][1]:.1f}]" if cell else ""
+            )
+        table.add_row(config, *cells)
+    console.print(table)
+    for claim in results["claims"]:
+        console.print(f"claim {claim['claim']}: {claim['text']} [bold]{claim['verdict']}[/]")
+
+
 @app.command()
 def demo(
     bundle: BundleDir = None,

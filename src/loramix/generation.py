@@ -42,6 +42,8 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # token ids whose log-probability as the FIRST generated token is reported (e.g. option letters)
+    first_token_candidates: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.every_k <= 0:
@@ -71,6 +73,7 @@ class GenerationResult:
     reused_embeddings: int  # re-routes whose embedder input was unchanged, so the last embedding was reused
     finish_reason: str  # "eos", "stop" or "length"
     timing: dict[str, float]  # of the batch this sequence ran in
+    first_token_logprobs: list[float] | None = None  # for options.first_token_candidates, in their order
 
     def to_json(self, expert_names: Sequence[str]) -> dict:
         return {
@@ -136,6 +139,7 @@ class _Sequence:
     frozen: int = 0
     reused: int = 0
     finish_reason: str | None = None
+    first_token_logprobs: list[float] | None = None
 
 
 class MixtureModel:
@@ -366,6 +370,11 @@ class GenerationStream:
         start = time.perf_counter()
         logits, cache = mx.forward(ids, mask, _positions(mask), None)
         self.timing["prefill"] += time.perf_counter() - start
+        if options.first_token_candidates:
+            candidates = list(options.first_token_candidates)
+            chosen = logits.log_softmax(dim=-1)[:, candidates].cpu()
+            for row, seq in enumerate(self.sequences):
+                seq.first_token_logprobs = chosen[row].tolist()
 
         for step in range(options.max_new_tokens):
             rerouted = self._reroutes_at(step)
@@ -437,6 +446,7 @@ class GenerationStream:
                     reused_embeddings=seq.reused,
                     finish_reason=seq.finish_reason or "length",
                     timing=timing,
+                    first_token_logprobs=seq.first_token_logprobs,
                 )
             )
         return results

@@ -117,7 +117,10 @@ def _last_checkpoint(folder: Path) -> Path | None:
 
 
 def _config_record(config: TrainConfig) -> dict:
-    return asdict(config) | {"target_modules": list(config.target_modules)}
+    """The settings that shape the result (how often checkpoints are written does not)."""
+    record = asdict(config) | {"target_modules": list(config.target_modules)}
+    record.pop("save_steps")
+    return record
 
 
 def _guard_resume(checkpoints: Path, config: TrainConfig, force: bool) -> Path | None:
@@ -127,7 +130,9 @@ def _guard_resume(checkpoints: Path, config: TrainConfig, force: bool) -> Path |
         shutil.rmtree(checkpoints)
     resume = _last_checkpoint(checkpoints)
     if resume is not None and record.is_file():
-        if json.loads(record.read_text(encoding="utf-8")) != _config_record(config):
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        recorded.pop("save_steps", None)  # written by older versions
+        if recorded != _config_record(config):
             raise LoramixError(
                 f"{checkpoints} holds a run with other settings; re-run with the same settings to resume it, "
                 "or pass --force to start over."
@@ -148,7 +153,9 @@ def train_expert(
     out = Path(out)
     if is_trained(out) and not force:
         metadata = json.loads((out / EXPERT_METADATA).read_text(encoding="utf-8"))
-        if metadata.get("config") == _config_record(config):
+        recorded = dict(metadata.get("config", {}))
+        recorded.pop("save_steps", None)
+        if recorded == _config_record(config):
             return metadata
         raise LoramixError(f"{out} already holds an expert trained with other settings; pass --force to retrain it.")
 

@@ -1,0 +1,431 @@
+"""`loramix eval`: the paper's comparison, item by item, written as it goes and resumable.
+
+Configs (comma-separated; an `option=value` item belongs to the config before it):
+  base                     the base model alone
+  expert:NAME              one expert alone, on every task (all four give the specialist matrix)
+  oracle                   each task's own expert (the paper's "fine-tuned" row)
+  uniform                  all experts, weight 1/n each
+  prompt                   route once, on the prompt
+  tla:k=K                  token-level adaptation, re-routing every K tokens
+  arrow                    PEFT's Arrow router over the same experts (a peer baseline)
+  paper                    shorthand for base, oracle, tla:k=1, tla:k=2, tla:k=3, tla:k=4
+Options on any config: decode=cached|recompute, merge=exact|linear|paper, route=RULE (e.g. route=softmax:0.1).
+
+Every scored item is one JSON line in OUT/items.jsonl, keyed by what it depends on (base model, the experts
+and router it uses, the config's options, the task's generation budget). Re-running skips items whose key is
+already there; a half-written line is dropped and redone. Data-parallel runs (`torchrun` or `accelerate launch`)
+give each process every N-th item and its own items.rankR.jsonl; the summary reads them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loramix.bundle import Bundle, resolve_bundle
+from loramix.errors import LoramixError
+from loramix.generation import GenerationResult
+from loramix.metrics import choose_by_loglik, score
+from loramix.mixture import MERGE_MODES
+from loramix.paths import data_dir
+from loramix.tasks import TASKS, Example, get_task
+
+SCORING_VERSION = 1  # bump when a metric changes, so cached scores are redone
+PAPER_CONFIGS = "base,oracle,tla:k=1,tla:k=2,tla:k=3,tla:k=4"
+ARC_LETTERS = ("A", "B", "C", "D", "E")
+OPTION_NAMES = ("decode", "merge", "route", "k")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    kind: str  # base | expert | oracle | uniform | prompt | tla | arrow
+    expert: str | None = None
+    every_k: int = 2
+    decode: str = "cached"
+    merge: str = "exact"
+    route: str = "paper"
+
+    @property
+    def name(self) -> str:
+        if self.kind == "expert":
+            label = f"expert:{self.expert}"
+        elif self.kind == "tla":
+            label = f"tla:k={self.every_k}"
+        else:
+            label = self.kind
+        extras = []
+        if self.decode != "cached" and self.kind in ("tla", "prompt"):
+            extras.append(f"decode={self.decode}")
+        if self.merge != "exact" and self.kind not in ("base", "arrow"):
+            extras.append(f"merge={self.merge}")
+        if self.route != "paper" and self.kind in ("tla", "prompt"):
+            extras.append(f"route={self.route}")
+        return ",".join([label, *extras])
+
+    def route_for(self, task: str, bundle: Bundle) -> str:
+        """The --route value this config uses on `task`."""
+        if self.kind == "base":
+            return "base"
+        if self.kind == "expert":
+            return f"oracle:{self.expert}"
+        if self.kind == "oracle":
+            return f"oracle:{oracle_expert(bundle, task)}"
+        if self.kind == "uniform":
+            return "uniform"
+        if self.kind == "prompt":
+            return f"prompt:{self.route}"
+        return self.route
+
+
+def oracle_expert(bundle: Bundle, task: str) -> str:
+    for entry in bundle.experts:
+        if (entry.task or entry.name) == task:
+            return entry.name
+    raise LoramixError(f"The bundle has no expert for task '{task}', so the 'oracle' config cannot run on it.")
+
+
+def parse_configs(spec: str, bundle: Bundle, defaults: EvalConfig | None = None) -> list[EvalConfig]:
+    """Parse --configs (see the module docstring)."""
+    defaults = defaults or EvalConfig(kind="tla")
+    items = []
+    for item in (part.strip() for part in spec.split(",")):
+        items += PAPER_CONFIGS.split(",") if item == "paper" else [item] if item else []
+    groups: list[list[str]] = []
+    for item in items:
+        key = item.split("=", 1)[0]
+        if "=" in item and ":" not in key and key in OPTION_NAMES and groups:
+            groups[-1].append(item)  # an option of the config before it
+        else:
+            groups.append([item])
+    configs = []
+    for head, *options in groups:
+        name, _, argument = head.partition(":")
+        settings: dict = {"decode": defaults.decode, "merge": defaults.merge, "route": defaults.route}
+        if argument.startswith("k="):
+            options.insert(0, argument)
+            argument = ""
+        for option in options:
+            key, _, value = option.partition("=")
+            if key == "k":
+                try:
+                    settings["every_k"] = int(value)
+                except ValueError:
+                    raise LoramixError(f"Config '{head}': k must be a whole number, got '{value}'.") from None
+            else:
+                settings[key] = value
+        if name == "expert":
+            if argument not in bundle.expert_names:
+                raise LoramixError(
+                    f"Config '{head}': no expert '{argument}'; the experts are {', '.join(bundle.expert_names)}."
+                )
+            configs.append(EvalConfig(kind="expert", expert=argument, **settings))
+        elif name in ("base", "oracle", "uniform", "prompt", "arrow", "tla") and not argument:
+            if name == "tla" and "every_k" not in settings:
+                raise LoramixError("Config 'tla' needs k, e.g. tla:k=2.")
+            configs.append(EvalConfig(kind=name, **settings))
+        else:
+            raise LoramixError(
+                f"Unknown config '{head}'; use base, expert:NAME, oracle, uniform, prompt, tla:k=K, arrow or paper."
+            )
+    for config in configs:
+        if config.every_k <= 0:
+            raise LoramixError(f"Config '{config.name}': k must be positive.")
+        if config.decode not in ("cached", "recompute"):
+            raise LoramixError(f"Config '{config.name}': decode must be cached or recompute.")
+        if config.merge not in MERGE_MODES:
+            raise LoramixError(f"Config '{config.name}': merge must be one of {', '.join(MERGE_MODES)}.")
+    return list(dict.fromkeys(configs))  # drop repeats, keep order
+
+
+# ---- what a result depends on ----
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class BundleFingerprint:
+    base: str
+    experts: dict[str, str]
+    router: str
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> BundleFingerprint:
+        experts = {
+            e.name: _file_digest(bundle.root / e.path / "adapter_model.safetensors")
+            + _file_digest(bundle.root / e.path / "adapter_config.json")
+            for e in bundle.experts
+        }
+        router = _file_digest(bundle.root / bundle.router) + bundle.embedder
+        return cls(base=f"{bundle.base_model}|{bundle.base_model_signature}", experts=experts, router=router)
+
+
+def generation_budget(task: str, cap: int | None) -> int:
+    budget = get_task(task).max_new_tokens
+    return min(budget, cap) if cap else budget
+
+
+def item_key(
+    config: EvalConfig, task: str, bundle: Bundle, fingerprint: BundleFingerprint, split: str, cap: int | None = None
+) -> str:
+    """A hash of everything an item's result depends on, and nothing else (so changes redo only what they touch)."""
+    spec = get_task(task)
+    parts: dict = {
+        "task": task,
+        "split": split,
+        "budget": generation_budget(task, cap),
+        "stop": spec.stop,
+        "scoring": SCORING_VERSION,
+        "base": fingerprint.base,
+    }
+    if config.kind != "base":
+        used = (
+            [config.route_for(task, bundle).split(":", 1)[1]]
+            if config.kind in ("expert", "oracle")
+            else list(fingerprint.experts)
+        )
+        parts["experts"] = [fingerprint.experts[name] for name in used]
+    if config.kind in ("expert", "oracle", "uniform", "prompt", "tla"):
+        parts["merge"] = config.merge
+    if config.kind in ("prompt", "tla"):
+        parts |= {"router": fingerprint.router, "route": config.route_for(task, bundle)}
+    if config.kind == "tla":
+        parts |= {"k": config.every_k, "decode": config.decode}
+    if config.kind == "arrow":
+        parts["arrow"] = {"top_k": 3, "temperature": 1.0}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# ---- the results file ----
+
+
+@dataclass
+class ItemStore:
+    """Scored items as JSON lines; appends are flushed to disk so a kill loses nothing finished."""
+
+    folder: Path
+    rank: int = 0
+    dropped: int = 0
+    records: dict[tuple[str, str], dict] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / ("items.jsonl" if self.rank == 0 else f"items.rank{self.rank}.jsonl")
+
+    def load(self) -> ItemStore:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.folder.glob("items*.jsonl")):
+            lines = path.read_text(encoding="utf-8").splitlines()
+            good_lines = []
+            for line in lines:
+                record = _parse_record(line)
+                if record is None:
+                    self.dropped += 1
+                    continue
+                good_lines.append(line)
+                self.records[(record["key"], record["id"])] = record
+            if len(good_lines) != len(lines) and path == self.path:
+                # rewrite without the broken lines (atomically) so they are redone, not counted
+                staging = path.with_suffix(".tmp")
+                staging.write_text("".join(line + "\n" for line in good_lines), encoding="utf-8")
+                os.replace(staging, path)
+        return self
+
+    def has(self, key: str, item_id: str) -> bool:
+        return (key, item_id) in self.records
+
+    def append(self, records: Iterable[dict]) -> None:
+        records = list(records)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for record in records:
+            self.records[(record["key"], record["id"])] = record
+
+
+REQUIRED_FIELDS = ("key", "config", "task", "id", "prediction", "scores")
+
+
+def _parse_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or any(f not in record for f in REQUIRED_FIELDS):
+        return None
+    if not isinstance(record["scores"], dict):
+        return None
+    return record
+
+
+def load_records(folder: Path) -> list[dict]:
+    return list(ItemStore(folder).load().records.values())
+
+
+# ---- running ----
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    bundle: Path | None
+    tasks: tuple[str, ...]
+    configs: str
+    out: Path
+    limit: int | None = None
+    batch_size: int = 8
+    split: str = "test"
+    data: Path | None = None
+    decode: str = "cached"
+    merge: str = "exact"
+    route: str = "paper"
+    max_new_tokens: int | None = None  # caps each task's generation budget (smoke runs)
+
+
+def letter_token_ids(tokenizer) -> tuple[int, ...]:
+    """Token ids of ' A' ... ' E' for ARC log-likelihood; () if the tokenizer splits any of them (then the
+    report has no loglik_accuracy: scoring multi-token letters would need more forward passes)."""
+    ids = [tokenizer(" " + letter, add_special_tokens=False).input_ids for letter in ARC_LETTERS]
+    return tuple(pieces[0] for pieces in ids) if all(len(pieces) == 1 for pieces in ids) else ()
+
+
+def _record(
+    config: EvalConfig, key: str, task: str, example: Example, result: GenerationResult, seconds: float
+) -> dict:
+    scores = score(task, result.text, example)
+    record = {
+        "key": key,
+        "config": config.name,
+        "task": task,
+        "id": example.id,
+        "prediction": result.text,
+        "scores": scores,
+        "tokens": len(result.token_ids),
+        "seconds": round(seconds, 4),
+        "finish": result.finish_reason,
+    }
+    if result.weights.numel():
+        record["weights_mean"] = [round(w, 5) for w in result.weights.mean(dim=0).tolist()]
+        record["reroutes"] = len(result.reroutes)
+        record["frozen_reroutes"] = result.frozen_reroutes
+    if task == "arc" and result.first_token_logprobs is not None:
+        choice = choose_by_loglik(result.first_token_logprobs, example.choices, ARC_LETTERS)
+        record["loglik_choice"] = choice
+        scores["loglik_accuracy"] = float(choice == example.references[0])
+    return record
+
+
+class _Engines:
+    """Loads the mixture model (and the Arrow baseline) once, on first use."""
+
+    def __init__(self, bundle: Bundle, cap: int | None):
+        self.bundle = bundle
+        self.cap = cap
+        self._mixture = None
+        self._arrow = None
+
+    @property
+    def mixture(self):
+        if self._mixture is None:
+            from loramix.generation import MixtureModel
+
+            self._mixture = MixtureModel.from_bundle(self.bundle.root)
+        return self._mixture
+
+    @property
+    def arrow(self):
+        if self._arrow is None:
+            from loramix.baselines import ArrowBaseline
+
+            self._arrow = ArrowBaseline(self.bundle)
+        return self._arrow
+
+    def generate(self, config: EvalConfig, task: str, prompts: list[str], candidates: tuple[int, ...]):
+        spec = get_task(task)
+        budget = generation_budget(task, self.cap)
+        if config.kind == "arrow":
+            return self.arrow.generate(prompts, budget, spec.stop, candidates)
+        mixture = self.mixture
+        mixture.set_merge(config.merge)
+        return mixture.generate(
+            prompts,
+            every_k=config.every_k,
+            route=config.route_for(task, self.bundle),
+            decode=config.decode,
+            max_new_tokens=budget,
+            stop=spec.stop,
+            first_token_candidates=candidates,
+        )
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun / accelerate launch; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> ItemStore:
+    """Score every pending (config, task, item); returns the store with everything scored so far."""
+    bundle = Bundle.load(resolve_bundle(plan.bundle))
+    defaults = EvalConfig(kind="tla", decode=plan.decode, merge=plan.merge, route=plan.route)
+    configs = parse_configs(plan.configs, bundle, defaults)
+    for task in plan.tasks:
+        get_task(task)
+    fingerprint = BundleFingerprint.of(bundle)
+    rank, world = distributed_rank()
+    store = ItemStore(plan.out, rank=rank).load()
+    root = data_dir(plan.data)
+    examples = {task: TASKS[task].load(root, plan.split)[: plan.limit] for task in plan.tasks}
+    engines = _Engines(bundle, plan.max_new_tokens)
+    for config in configs:
+        work = []
+        for task in plan.tasks:
+            if config.kind == "oracle":
+                oracle_expert(bundle, task)  # fail early with a clear message
+            key = item_key(config, task, bundle, fingerprint, plan.split, plan.max_new_tokens)
+            mine = examples[task][rank::world]
+            work += [(task, key, e) for e in mine if not store.has(key, e.id)]
+        if not work:
+            continue
+        _run_config(config, work, engines, store, plan.batch_size, progress, on_batch)
+    return store
+
+
+def _run_config(config, work, engines, store, batch_size, progress, on_batch) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [
+        TextColumn(f"[bold]{config.name:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        handle = bar.add_task(config.name, total=len(work))
+        for task in dict.fromkeys(task for task, _, _ in work):
+            items = sorted(((k, e) for t, k, e in work if t == task), key=lambda pair: -len(pair[1].prompt))
+            candidates = letter_token_ids(engines.mixture.tokenizer) if task == "arc" else ()
+            for start in range(0, len(items), batch_size):
+                batch = items[start : start + batch_size]
+                began = time.perf_counter()
+                results = engines.generate(config, task, [e.prompt for _, e in batch], candidates)
+                seconds = (time.perf_counter() - began) / len(batch)
+                store.append(_record(config, key, task, e, r, seconds) for (key, e), r in zip(batch, results))
+                bar.advance(handle, len(batch))
+                if on_batch is not None:
+                    on_batch(config, task, len(batch))

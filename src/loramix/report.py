@@ -1,0 +1,519 @@
+"""From scored items to evidence: means with 95% bootstrap CIs, paired comparisons, the paper's claims, plots.
+
+Every figure is computed from OUT/items*.jsonl alone, so a report can be regenerated at any time.
+Confidence intervals are percentile bootstraps over items (2,000 resamples, fixed seed). Paired comparisons
+resample the same items for both configs. The average over tasks is the mean of the task means; its CI
+resamples every task independently.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from loramix import __version__
+from loramix.evaluation import load_records
+from loramix.metrics import PRIMARY_METRIC
+from loramix.paths import REPO_ROOT
+from loramix.tasks import TASKS
+
+RESAMPLES = 2000
+SEED = 0
+TLA_BEST_K = 2  # the paper's best k, the config its claims are judged on
+
+
+def bootstrap_mean_ci(values: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def bootstrap_average_ci(
+    per_task: list[np.ndarray], resamples: int = RESAMPLES, seed: int = SEED
+) -> tuple[float, float]:
+    """CI of the mean of task means, resampling each task's items independently."""
+    rng = np.random.default_rng(seed)
+    averages = np.zeros(resamples)
+    for values in per_task:
+        averages += values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    averages /= len(per_task)
+    return float(np.percentile(averages, 2.5)), float(np.percentile(averages, 97.5))
+
+
+def verdict(low: float, high: float) -> str:
+    """held: the whole CI favours the claim; not held: the whole CI goes against it; else inconclusive."""
+    if low > 0:
+        return "held"
+    if high < 0:
+        return "not held"
+    return "inconclusive"
+
+
+@dataclass
+class Scores:
+    """Per (config, task): item id -> score dict, plus seconds and routing weights."""
+
+    items: dict[tuple[str, str], dict[str, dict]]
+    seconds: dict[tuple[str, str], float]
+    weights: dict[tuple[str, str], list[list[float]]]
+    frozen: dict[tuple[str, str], tuple[int, int]]
+    configs: list[str]
+    tasks: list[str]
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> Scores:
+        items: dict = defaultdict(dict)
+        seconds: dict = defaultdict(float)
+        weights: dict = defaultdict(list)
+        frozen: dict = defaultdict(lambda: (0, 0))
+        for record in records:
+            cell = (record["config"], record["task"])
+            items[cell][record["id"]] = record["scores"]
+            seconds[cell] += record.get("seconds", 0.0)
+            if "weights_mean" in record:
+                weights[cell].append(record["weights_mean"])
+            if "reroutes" in record:
+                done, total = frozen[cell]
+                frozen[cell] = (done + record.get("frozen_reroutes", 0), total + record["reroutes"])
+        configs = list(dict.fromkeys(r["config"] for r in records))
+        tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+        return cls(dict(items), dict(seconds), dict(weights), dict(frozen), configs, tasks)
+
+    def values(self, config: str, task: str, metric: str, ids: list[str] | None = None) -> np.ndarray:
+        cell = self.items.get((config, task), {})
+        chosen = ids if ids is not None else sorted(cell)
+        return np.array([cell[i][metric] for i in chosen if i in cell and metric in cell[i]], dtype=float)
+
+    def common_ids(self, a: str, b: str, task: str) -> list[str]:
+        return sorted(set(self.items.get((a, task), {})) & set(self.items.get((b, task), {})))
+
+    def has_all_tasks(self, config: str) -> bool:
+        return all((config, task) in self.items for task in self.tasks)
+
+
+def summarise(scores: Scores) -> dict:
+    table: dict = {}
+    for config in scores.configs:
+        row: dict = {}
+        for task in scores.tasks:
+            cell = scores.items.get((config, task))
+            if not cell:
+                continue
+            metrics = sorted({m for s in cell.values() for m in s})
+            row[task] = {
+                "n": len(cell),
+                "primary": PRIMARY_METRIC[task],
+                "metrics": {m: _mean_ci(scores.values(config, task, m)) for m in metrics},
+                "seconds": round(scores.seconds.get((config, task), 0.0), 1),
+            }
+            if (config, task) in scores.frozen and scores.frozen[(config, task)][1]:
+                done, total = scores.frozen[(config, task)]
+                row[task]["frozen_reroute_share"] = round(done / total, 4)
+        if scores.has_all_tasks(config) and len(scores.tasks) > 1:
+            per_task = [scores.values(config, t, PRIMARY_METRIC[t]) for t in scores.tasks]
+            low, high = bootstrap_average_ci(per_task)
+            row["average"] = {"mean": float(np.mean([v.mean() for v in per_task])), "ci": [low, high]}
+        table[config] = row
+    return table
+
+
+def _mean_ci(values: np.ndarray) -> dict:
+    low, high = bootstrap_mean_ci(values)
+    return {"mean": float(values.mean()) if len(values) else float("nan"), "ci": [low, high]}
+
+
+def paired(scores: Scores, config: str, versus: str, task: str | None = None) -> dict | None:
+    """Difference config - versus on the primary metric, over the items both scored (task=None: the average)."""
+    tasks = [task] if task else scores.tasks
+    diffs = []
+    for t in tasks:
+        ids = scores.common_ids(config, versus, t)
+        if not ids:
+            return None
+        metric = PRIMARY_METRIC[t]
+        diffs.append(scores.values(config, t, metric, ids) - scores.values(versus, t, metric, ids))
+    low, high = bootstrap_average_ci(diffs) if len(diffs) > 1 else bootstrap_mean_ci(diffs[0])
+    return {
+        "config": config,
+        "versus": versus,
+        "task": task or "average",
+        "difference": float(np.mean([d.mean() for d in diffs])),
+        "ci": [low, high],
+        "n": int(sum(len(d) for d in diffs)),
+    }
+
+
+def tla_configs(scores: Scores) -> list[str]:
+    return [c for c in scores.configs if c.startswith("tla:")]
+
+
+def _k_of(config: str) -> int:
+    return int(config.split(",")[0].split("=")[1])
+
+
+def _variant(config: str) -> str:
+    """The options of a tla config other than k ('' for the paper's default cached/exact/paper-rule)."""
+    return ",".join(config.split(",")[1:])
+
+
+def paired_comparisons(scores: Scores) -> list[dict]:
+    rows = []
+    for config in tla_configs(scores) + [c for c in ("prompt", "uniform", "arrow") if c in scores.configs]:
+        for versus in ("oracle", "base"):
+            if versus not in scores.configs:
+                continue
+            for task in [*scores.tasks, None]:
+                result = paired(scores, config, versus, task)
+                if result is not None:
+                    rows.append(result)
+    return rows
+
+
+def claims(scores: Scores) -> list[dict]:
+    tla = tla_configs(scores)
+    headline = next((c for c in tla if c == f"tla:k={TLA_BEST_K}"), tla[0] if tla else None)
+    out = []
+    text = "Token-level adaptation beats the base model on each of the four tasks."
+    if headline and "base" in scores.configs:
+        per_task = [paired(scores, headline, "base", t) for t in scores.tasks]
+        per_task = [p for p in per_task if p]
+        verdicts = [verdict(*p["ci"]) for p in per_task]
+        overall = (
+            "held"
+            if verdicts and all(v == "held" for v in verdicts) and len(per_task) == 4
+            else ("not held" if "not held" in verdicts else "inconclusive")
+        )
+        out.append({"claim": 1, "text": text, "config": headline, "verdict": overall, "evidence": per_task})
+    else:
+        out.append({"claim": 1, "text": text, "verdict": "not evaluated", "evidence": "needs base and a tla config"})
+    text = "Its average over the four tasks beats the average of the individual task experts."
+    result = paired(scores, headline, "oracle") if headline and "oracle" in scores.configs else None
+    if result and len(scores.tasks) == 4:
+        out.append(
+            {"claim": 2, "text": text, "config": headline, "verdict": verdict(*result["ci"]), "evidence": [result]}
+        )
+    else:
+        out.append(
+            {
+                "claim": 2,
+                "text": text,
+                "verdict": "not evaluated",
+                "evidence": "needs oracle and a tla config on all four tasks",
+            }
+        )
+    text = "Re-routing every other token (k=2) gives the best results among the k tried."
+    family = [c for c in tla if _variant(c) == "" and scores.has_all_tasks(c)]
+    best = f"tla:k={TLA_BEST_K}"
+    if best in family and len(family) > 1:
+        comparisons = [paired(scores, best, other) for other in family if other != best]
+        comparisons = [c for c in comparisons if c]
+        verdicts = [verdict(*c["ci"]) for c in comparisons]
+        overall = (
+            "held" if all(v == "held" for v in verdicts) else ("not held" if "not held" in verdicts else "inconclusive")
+        )
+        averages = {c: summarise_average(scores, c) for c in family}
+        top = max(averages, key=averages.get)
+        out.append(
+            {
+                "claim": 3,
+                "text": text,
+                "verdict": overall,
+                "best_point_estimate": top,
+                "averages": averages,
+                "evidence": comparisons,
+            }
+        )
+    else:
+        out.append(
+            {"claim": 3, "text": text, "verdict": "not evaluated", "evidence": "needs tla:k=2 and other k on all tasks"}
+        )
+    return out
+
+
+def summarise_average(scores: Scores, config: str) -> float:
+    return float(np.mean([scores.values(config, t, PRIMARY_METRIC[t]).mean() for t in scores.tasks]))
+
+
+def routing_means(scores: Scores) -> dict:
+    """Mean routing weight per expert, per config and task (which expert each task's prompts lean to)."""
+    out: dict = defaultdict(dict)
+    for (config, task), rows in scores.weights.items():
+        if rows:
+            out[config][task] = [round(float(v), 4) for v in np.mean(np.array(rows), axis=0)]
+    return dict(out)
+
+
+# ---- writing ----
+
+
+def _git_revision() -> str | None:
+    try:
+        return (
+            subprocess.run(
+                ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _machine() -> str:
+    import os
+
+    import torch
+
+    processor = platform.processor() or platform.machine()
+    return f"{processor}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def write_report(out: Path, meta: dict | None = None) -> dict:
+    """Write results.json, results.md and plots into `out` from the items there; returns the results."""
+    records = load_records(out)
+    if not records:
+        return {}
+    scores = Scores.from_records(records)
+    results = {
+        "meta": {
+            "loramix_version": __version__,
+            "git_revision": _git_revision(),
+            "machine": _machine(),
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(meta or {}),
+        },
+        "table": summarise(scores),
+        "paired": paired_comparisons(scores),
+        "claims": claims(scores),
+        "routing": routing_means(scores),
+        "seconds_per_config": {
+            c: round(sum(v for (cc, _), v in scores.seconds.items() if cc == c), 1) for c in scores.configs
+        },
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plots = write_plots(out, scores, results)
+    (out / "results.md").write_text(render_markdown(scores, results, plots), encoding="utf-8")
+    return results
+
+
+def _fmt(cell: dict, scale: float = 100.0) -> str:
+    low, high = cell["ci"]
+    return f"{scale * cell['mean']:.1f} [{scale * low:.1f}, {scale * high:.1f}]"
+
+
+DEVIATIONS = (
+    "Deviations from the paper in this setting: base model SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32) "
+    "instead of Llama-2-7b in 4-bit; SQuAD v1.1 train is unavailable offline, so the dev set is split by article "
+    "(36 training / 12 test articles); CodeAlpaca-20k is unavailable, so the 2k file stands in (90/10 split); "
+    "experts are smaller (see each expert's loramix_expert.json); greedy decoding instead of temperature 0.9 sampling. "
+    "Scores are far below Llama-2-7b's; the claims are about relative order."
+)
+
+
+def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
+    meta, table = results["meta"], results["table"]
+    lines = ["# Evaluation results", ""]
+    for key in ("bundle", "base_model", "split", "limit", "command", "git_revision", "machine", "written"):
+        if meta.get(key) is not None:
+            lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
+    if meta.get("base_model") == "smollm2-135m":
+        lines += ["", DEVIATIONS]
+    titles = {t: f"{TASKS[t].title} ({PRIMARY_METRIC[t]})" for t in scores.tasks}
+    lines += ["", "## Main table", "", "Primary metric x100, mean [95% bootstrap CI]; n items per cell below.", ""]
+    header = ["config", *[titles[t] for t in scores.tasks]] + (["average"] if len(scores.tasks) > 1 else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config in scores.configs:
+        row = table[config]
+        cells = [_fmt(row[t]["metrics"][PRIMARY_METRIC[t]]) if t in row else "" for t in scores.tasks]
+        if len(scores.tasks) > 1:
+            cells.append(_fmt(row["average"]) if "average" in row else "")
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    counts = ", ".join(
+        f"{TASKS[t].title}: {max((table[c][t]['n'] for c in scores.configs if t in table[c]), default=0)}"
+        for t in scores.tasks
+    )
+    lines += ["", f"Items per task (most in any config): {counts}."]
+
+    lines += ["", "## All metrics", ""]
+    for task in scores.tasks:
+        metrics = sorted({m for c in scores.configs if task in table[c] for m in table[c][task]["metrics"]})
+        lines += [
+            f"**{TASKS[task].title}**",
+            "",
+            "| config | n | " + " | ".join(metrics) + " | seconds |",
+            "|" + "---|" * (len(metrics) + 3),
+        ]
+        for config in scores.configs:
+            if task in table[config]:
+                cell = table[config][task]
+                values = [_fmt(cell["metrics"][m]) if m in cell["metrics"] else "" for m in metrics]
+                lines.append(f"| {config} | {cell['n']} | " + " | ".join(values) + f" | {cell['seconds']} |")
+        lines.append("")
+
+    experts = [c for c in scores.configs if c.startswith("expert:")]
+    if experts:
+        lines += ["## Specialist matrix", "", "Each expert alone on every task (primary metric x100).", ""]
+        lines += [
+            "| expert | " + " | ".join(titles[t] for t in scores.tasks) + " |",
+            "|" + "---|" * (len(scores.tasks) + 1),
+        ]
+        for config in experts:
+            row = table[config]
+            lines.append(
+                f"| {config[7:]} | "
+                + " | ".join(_fmt(row[t]["metrics"][PRIMARY_METRIC[t]]) if t in row else "" for t in scores.tasks)
+                + " |"
+            )
+        lines.append("")
+
+    if results["paired"]:
+        lines += [
+            "## Paired comparisons",
+            "",
+            "Difference in the primary metric x100 over the same items, [95% paired bootstrap CI].",
+            "",
+        ]
+        lines += ["| config | versus | task | difference | n |", "|---|---|---|---|---|"]
+        for p in results["paired"]:
+            difference = _fmt({"mean": p["difference"], "ci": p["ci"]})
+            lines.append(f"| {p['config']} | {p['versus']} | {p['task']} | {difference} | {p['n']} |")
+        lines.append("")
+
+    lines += ["## The paper's claims", ""]
+    for claim in results["claims"]:
+        lines.append(
+            f"{claim['claim']}. {claim['text']} **{claim['verdict']}**"
+            + (f" (judged on `{claim['config']}`)" if claim.get("config") else "")
+        )
+        if isinstance(claim["evidence"], list):
+            for p in claim["evidence"]:
+                lines.append(
+                    f"   - {p['config']} vs {p['versus']}, {p['task']}: "
+                    + _fmt({"mean": p["difference"], "ci": p["ci"]})
+                )
+        else:
+            lines.append(f"   - {claim['evidence']}")
+        if "averages" in claim:
+            lines.append(
+                "   - averages: "
+                + ", ".join(f"{c} {100 * v:.1f}" for c, v in claim["averages"].items())
+                + f"; highest: {claim['best_point_estimate']}"
+            )
+    lines.append("")
+
+    frozen = {
+        (c, t): table[c][t]["frozen_reroute_share"]
+        for c in scores.configs
+        for t in scores.tasks
+        if t in table[c] and "frozen_reroute_share" in table[c][t]
+    }
+    if frozen:
+        lines += [
+            "## Frozen routing",
+            "",
+            "Share of re-routes whose text filled the embedder's 256-word-piece input "
+            "(new tokens could not change the weights).",
+            "",
+        ]
+        lines += [
+            "| config | " + " | ".join(TASKS[t].title for t in scores.tasks) + " |",
+            "|" + "---|" * (len(scores.tasks) + 1),
+        ]
+        for config in scores.configs:
+            if any((config, t) in frozen for t in scores.tasks):
+                lines.append(
+                    f"| {config} | "
+                    + " | ".join(
+                        f"{100 * frozen[(config, t)]:.1f}%" if (config, t) in frozen else "" for t in scores.tasks
+                    )
+                    + " |"
+                )
+        lines.append("")
+
+    lines += ["## Time", "", "| config | seconds |", "|---|---|"]
+    lines += [f"| {c} | {s} |" for c, s in results["seconds_per_config"].items()]
+    lines.append("")
+    for plot in plots:
+        lines += [f"![{plot}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def write_plots(out: Path, scores: Scores, results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    table = results["table"]
+    tla = tla_configs(scores)
+    if tla:
+        figure, axes = plt.subplots(1, len(scores.tasks), figsize=(4 * len(scores.tasks), 3.4), squeeze=False)
+        for axis, task in zip(axes[0], scores.tasks):
+            metric = PRIMARY_METRIC[task]
+            for variant in dict.fromkeys(_variant(c) for c in tla):
+                family = sorted((c for c in tla if _variant(c) == variant and task in table[c]), key=_k_of)
+                if not family:
+                    continue
+                ks = [_k_of(c) for c in family]
+                cells = [table[c][task]["metrics"][metric] for c in family]
+                means = np.array([100 * c["mean"] for c in cells])
+                errors = np.array(
+                    [[100 * (c["mean"] - c["ci"][0]) for c in cells], [100 * (c["ci"][1] - c["mean"]) for c in cells]]
+                )
+                axis.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label=variant or "cached")
+            for reference, style in (("base", "k--"), ("oracle", "g:")):
+                if reference in table and task in table[reference]:
+                    axis.axhline(
+                        100 * table[reference][task]["metrics"][metric]["mean"],
+                        linestyle=style[1:],
+                        color=style[0],
+                        label=reference,
+                    )
+            axis.set_title(f"{TASKS[task].title}")
+            axis.set_xlabel("re-route every k tokens")
+            axis.set_ylabel(f"{metric} x100")
+            axis.set_xticks(sorted({_k_of(c) for c in tla}))
+        axes[0][0].legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "score_vs_k.png", dpi=110)
+        plt.close(figure)
+        written.append("score_vs_k.png")
+    routing = results["routing"]
+    source = next((c for c in (f"tla:k={TLA_BEST_K}", *tla) if c in routing), None)
+    if source:
+        tasks = [t for t in scores.tasks if t in routing[source]]
+        matrix = np.array([routing[source][t] for t in tasks])
+        figure, axis = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 0.6 * len(tasks) + 1.8))
+        image = axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        axis.set_yticks(range(len(tasks)), [TASKS[t].title for t in tasks])
+        experts = results["meta"].get("experts") or [f"expert {i}" for i in range(matrix.shape[1])]
+        axis.set_xticks(range(matrix.shape[1]), experts, rotation=30)
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                axis.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if matrix[i, j] < 0.5 else "black",
+                )
+        axis.set_title(f"mean routing weight ({source})")
+        figure.colorbar(image, ax=axis, fraction=0.046)
+        figure.tight_layout()
+        figure.savefig(out / "routing_weights.png", dpi=110)
+        plt.close(figure)
+        written.append("routing_weights.png")
+    return written
