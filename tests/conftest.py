@@ -125,4 +125,4 @@ def tiny_bundle(tiny_base, tiny_experts, tiny_data, tmp_path_factory) -> Path:
 def tiny_mixture(tiny_bundle):
     from loramix.generation import MixtureModel
 
-    return MixtureModel.from_bundle(tiny_bundle)
+    return MixtureModel.from_bundle(tiny_bundle, embedder_dtype="fp32")  # exact routing, as the reference

@@ -108,3 +108,26 @@ def test_reused_embedding_equals_a_fresh_one(embedder):
 def test_centroid_dimension_must_match_the_embedder(embedder):
     with pytest.raises(LoramixError, match="rebuild the router"):
         CentroidRouter(embedder, torch.randn(4, 17))
+
+
+def test_bf16_routing_stays_within_2e4_of_fp32():
+    from loramix.router import Embedder
+
+    texts = [
+        "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\n\nAnswer:",
+        "Write a Python function that reverses a string.\n\nAnswer: def reverse(s): return s[::-1]",
+        "Context:\nThe Nile is the longest river in Africa.\n\nQuestion: Which river is longest?\n\nAnswer:",
+    ]
+    exact, fast = Embedder(dtype="fp32"), Embedder(dtype="bf16")
+    assert exact.dtype == "fp32" and fast.dtype == "bf16"
+    features, _ = exact.truncated_ids(texts)
+    a, b = exact.embed_features(features), fast.embed_features(features)
+    assert (1 - (a * b).sum(dim=-1)).abs().max() < 2e-4
+    assert not torch.equal(a, b), "bf16 autocast must actually be in effect"
+
+
+def test_unknown_embedder_dtype():
+    from loramix.router import Embedder
+
+    with pytest.raises(LoramixError, match="Unknown embedder dtype"):
+        Embedder(dtype="int4")

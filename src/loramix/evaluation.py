@@ -156,13 +156,14 @@ class BundleFingerprint:
     router: str
 
     @classmethod
-    def of(cls, bundle: Bundle) -> BundleFingerprint:
+    def of(cls, bundle: Bundle, embedder_dtype: str = "fp32") -> BundleFingerprint:
+        """embedder_dtype: the resolved routing precision ("fp32" or "bf16"), part of the router's identity."""
         experts = {
             e.name: _file_digest(bundle.root / e.path / "adapter_model.safetensors")
             + _file_digest(bundle.root / e.path / "adapter_config.json")
             for e in bundle.experts
         }
-        router = _file_digest(bundle.root / bundle.router) + bundle.embedder
+        router = f"{_file_digest(bundle.root / bundle.router)}|{bundle.embedder}|{embedder_dtype}"
         return cls(base=f"{bundle.base_model}|{bundle.base_model_signature}", experts=experts, router=router)
 
 
@@ -287,6 +288,7 @@ class EvalPlan:
     merge: str = "exact"
     route: str = "paper"
     max_new_tokens: int | None = None  # caps each task's generation budget (smoke runs)
+    embedder_dtype: str = "auto"  # routing-time embedder precision (see Embedder)
 
 
 def letter_token_ids(tokenizer) -> tuple[int, ...]:
@@ -325,9 +327,10 @@ def _record(
 class _Engines:
     """Loads the mixture model (and the Arrow baseline) once, on first use."""
 
-    def __init__(self, bundle: Bundle, cap: int | None):
+    def __init__(self, bundle: Bundle, cap: int | None, embedder_dtype: str):
         self.bundle = bundle
         self.cap = cap
+        self.embedder_dtype = embedder_dtype
         self._mixture = None
         self._arrow = None
 
@@ -336,7 +339,7 @@ class _Engines:
         if self._mixture is None:
             from loramix.generation import MixtureModel
 
-            self._mixture = MixtureModel.from_bundle(self.bundle.root)
+            self._mixture = MixtureModel.from_bundle(self.bundle.root, embedder_dtype=self.embedder_dtype)
         return self._mixture
 
     @property
@@ -365,6 +368,12 @@ class _Engines:
         )
 
 
+def resolve_embedder_dtype(dtype: str) -> str:
+    from loramix.router import native_bf16
+
+    return dtype if dtype != "auto" else ("bf16" if native_bf16("cpu") else "fp32")
+
+
 def distributed_rank() -> tuple[int, int]:
     """(rank, world size) under torchrun / accelerate launch; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -377,12 +386,13 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
     configs = parse_configs(plan.configs, bundle, defaults)
     for task in plan.tasks:
         get_task(task)
-    fingerprint = BundleFingerprint.of(bundle)
+    routing_dtype = resolve_embedder_dtype(plan.embedder_dtype)
+    fingerprint = BundleFingerprint.of(bundle, routing_dtype)
     rank, world = distributed_rank()
     store = ItemStore(plan.out, rank=rank).load()
     root = data_dir(plan.data)
     examples = {task: TASKS[task].load(root, plan.split)[: plan.limit] for task in plan.tasks}
-    engines = _Engines(bundle, plan.max_new_tokens)
+    engines = _Engines(bundle, plan.max_new_tokens, routing_dtype)
     for config in configs:
         work = []
         for task in plan.tasks:

@@ -9,8 +9,6 @@ resamples every task independently.
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,7 +19,7 @@ import numpy as np
 from loramix import __version__
 from loramix.evaluation import load_records
 from loramix.metrics import PRIMARY_METRIC
-from loramix.paths import REPO_ROOT
+from loramix.system import git_revision, machine_description, package_versions
 from loramix.tasks import TASKS
 
 RESAMPLES = 2000
@@ -255,30 +253,6 @@ def routing_means(scores: Scores) -> dict:
 # ---- writing ----
 
 
-def _git_revision() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _machine() -> str:
-    import os
-
-    import torch
-
-    processor = platform.processor() or platform.machine()
-    return f"{processor}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
 def write_report(out: Path, meta: dict | None = None) -> dict:
     """Write results.json, results.md and plots into `out` from the items there; returns the results."""
     records = load_records(out)
@@ -288,8 +262,9 @@ def write_report(out: Path, meta: dict | None = None) -> dict:
     results = {
         "meta": {
             "loramix_version": __version__,
-            "git_revision": _git_revision(),
-            "machine": _machine(),
+            "git_revision": git_revision(),
+            "machine": machine_description(),
+            "versions": package_versions(),
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **(meta or {}),
         },

@@ -1,0 +1,588 @@
+"""`loramix bench`: the speed of token-level adaptation against the reference algorithm and plain decoding.
+
+All methods run in one process on the same prompts and the same expert adapters, greedy, with
+end-of-sequence suppressed so every method generates exactly N tokens:
+
+- reference      the reference loop written plainly with PEFT: per token decode the text, embed it with MiniLM,
+                 build a merged adapter (add_weighted_adapter, `linear`), run the WHOLE text, take one token,
+                 delete the adapter. No KV cache. Sequences one at a time (it has no batching).
+- peft-scales    what a PEFT user would try: all experts active, per-adapter scales set to the routing weights
+                 every k tokens, KV cache kept (same maths as our cached exact mode). One sequence at a time:
+                 PEFT scales are per adapter, not per sequence, so a batch cannot be routed per sequence.
+- arrow          PEFT's Arrow router (per-token, per-layer, gradient-free) over the same experts, HF generate.
+- ours           MixtureModel: cached / recompute decode, k = 1, 2, 4, merge exact / linear / paper.
+- ours-base      our decoding loop with the experts off (its overhead over HF generate).
+- base, expert   the floor: the base model alone, and one fixed LoRA expert (PEFT), HF generate with KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from loramix.bundle import Bundle, resolve_bundle
+from loramix.models import load_base_model
+from loramix.paths import data_dir
+from loramix.tasks import TASKS
+
+QUICK = {"tokens": (32,), "batches": (1, 8), "repeats": 1}
+FULL = {"tokens": (32, 128, 256), "batches": (1, 8, 16), "repeats": 3}
+CELL_BUDGET_SECONDS = 90.0  # stop repeating a cell once its repeats have taken this long
+
+
+@dataclass
+class Run:
+    seconds: float
+    steps: int
+    batch: int
+    split: dict[str, float]  # seconds by part: forward, routing, merge, other
+    tokens: list[list[int]]
+    step_seconds: list[float] = field(default_factory=list)  # per decode step (batch 1 plots)
+
+
+@dataclass
+class Cell:
+    method: str
+    tokens: int
+    batch: int
+    ms_per_step: float
+    spread: tuple[float, float]
+    tokens_per_second: float
+    split_ms: dict[str, float]
+    peak_rss_mb: float | None
+    repeats: int
+    step_ms: list[float] = field(default_factory=list)
+
+
+class _RssSampler:
+    """Peak resident memory (MB) above the level at entry, sampled every 5 ms (Linux /proc)."""
+
+    def __enter__(self):
+        self.start = self._rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.005):
+            value = self._rss()
+            if value is not None and self.peak is not None:
+                self.peak = max(self.peak, value)
+
+    @staticmethod
+    def _rss() -> float | None:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        import resource
+
+        return pages * resource.getpagesize() / 2**20
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float | None:
+        return None if self.start is None else round(self.peak, 1)
+
+
+class _StepClock:
+    """A logits processor that timestamps every decode step of HF generate."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _steps(times: list[float], start: float) -> list[float]:
+    points = [start, *times]
+    return [b - a for a, b in zip(points, points[1:])]
+
+
+class BenchContext:
+    """Models and prompts shared by every method (each method gets its own model copy)."""
+
+    def __init__(self, bundle_path: str | Path | None = None, data: str | Path | None = None):
+        from peft import PeftModel
+
+        from loramix.generation import MixtureModel
+
+        self.bundle = Bundle.load(resolve_bundle(bundle_path))
+        self.names = self.bundle.expert_names
+        self.paths = [str(self.bundle.root / e.path) for e in self.bundle.experts]
+        self.mixture = MixtureModel.from_bundle(self.bundle.root)
+        self.tokenizer = self.mixture.tokenizer
+        self.embedder = self.mixture.router.embedder
+        self.centroids = self.mixture.router.centroids
+        self.base, _ = load_base_model(self.bundle.base_model)
+        peft_base, _ = load_base_model(self.bundle.base_model)
+        self.peft = PeftModel.from_pretrained(peft_base, self.paths[0], adapter_name=self.names[0])
+        for name, path in zip(self.names[1:], self.paths[1:]):
+            self.peft.load_adapter(path, adapter_name=name)
+        self.peft.eval()
+        self._arrow = None
+        root = data_dir(data)
+        self.task_prompts = {task: [e.prompt for e in spec.load(root, "test")[:16]] for task, spec in TASKS.items()}
+
+    @property
+    def arrow(self):
+        if self._arrow is None:
+            from loramix.baselines import ArrowBaseline
+
+            self._arrow = ArrowBaseline(self.bundle)
+        return self._arrow
+
+    def prompts(self, batch: int) -> list[str]:
+        """Batch 1: a GSM8K prompt; larger batches: the same number from each task."""
+        if batch == 1:
+            return self.task_prompts["gsm8k"][:1]
+        per_task = -(-batch // len(self.task_prompts))
+        mixed = [p for i in range(per_task) for p in (prompts[i] for prompts in self.task_prompts.values())]
+        return mixed[:batch]
+
+    @property
+    def eos(self) -> list[int]:
+        return self.mixture.eos_ids
+
+    def paper_weights(self, text: str) -> list[float]:
+        """The reference's routing: embed the text, cosine to centroids, largest x 4, softmax."""
+        from loramix.router import paper_weights
+
+        similarities = self.embedder.embed([text]) @ torch.nn.functional.normalize(self.centroids, dim=-1).T
+        return paper_weights(similarities)[0].tolist()
+
+
+# ---- the methods ----
+
+
+def run_reference(ctx: BenchContext, prompts: list[str], n: int) -> Run:
+    split = {"forward": 0.0, "routing": 0.0, "merge": 0.0, "other": 0.0}
+    tokens, step_seconds = [], []
+    begin = time.perf_counter()
+    for prompt in prompts:
+        ids = ctx.tokenizer(prompt).input_ids
+        generated: list[int] = []
+        for _ in range(n):
+            step = time.perf_counter()
+            text = ctx.tokenizer.decode(ids + generated, skip_special_tokens=True)
+            weights = ctx.paper_weights(text)
+            routed = time.perf_counter()
+            ctx.peft.add_weighted_adapter(ctx.names, weights, "merged", combination_type="linear")
+            ctx.peft.set_adapter("merged")
+            merged = time.perf_counter()
+            with torch.no_grad():
+                logits = ctx.peft(input_ids=torch.tensor([ids + generated])).logits[0, -1]
+            forwarded = time.perf_counter()
+            logits[ctx.eos] = float("-inf")
+            generated.append(int(logits.argmax()))
+            ctx.peft.set_adapter(ctx.names[0])
+            ctx.peft.delete_adapter("merged")
+            done = time.perf_counter()
+            split["routing"] += routed - step
+            split["merge"] += merged - routed + done - forwarded
+            split["forward"] += forwarded - merged
+            step_seconds.append(done - step)
+        tokens.append(generated)
+    return Run(time.perf_counter() - begin, n, len(prompts), split, tokens, step_seconds)
+
+
+def run_peft_scales(ctx: BenchContext, prompts: list[str], n: int, every_k: int = 1) -> Run:
+    from peft.tuners.lora import LoraLayer
+    from transformers import DynamicCache
+
+    layers = [m for m in ctx.peft.modules() if isinstance(m, LoraLayer)]
+    ctx.peft.base_model.set_adapter(ctx.names)
+    split = {"forward": 0.0, "routing": 0.0, "merge": 0.0, "other": 0.0}
+    tokens, step_seconds = [], []
+    begin = time.perf_counter()
+    try:
+        for prompt in prompts:
+            ids = ctx.tokenizer(prompt).input_ids
+            generated: list[int] = []
+            cache = DynamicCache(config=ctx.peft.config)
+            step_input = torch.tensor([ids])
+            for step in range(n):
+                start = time.perf_counter()
+                if step % every_k == 0:
+                    weights = ctx.paper_weights(ctx.tokenizer.decode(ids + generated, skip_special_tokens=True))
+                    routed = time.perf_counter()
+                    for layer in layers:
+                        for name, weight in zip(ctx.names, weights):
+                            layer.set_scale(name, weight)
+                    split["routing"] += routed - start
+                    split["merge"] += time.perf_counter() - routed
+                forward_start = time.perf_counter()
+                with torch.no_grad():
+                    logits = ctx.peft(input_ids=step_input, cache=cache, use_cache=True).logits[0, -1]
+                split["forward"] += time.perf_counter() - forward_start
+                logits[ctx.eos] = float("-inf")
+                generated.append(int(logits.argmax()))
+                step_input = torch.tensor([[generated[-1]]])
+                step_seconds.append(time.perf_counter() - start)
+            tokens.append(generated)
+    finally:
+        for layer in layers:
+            for name in ctx.names:
+                layer.set_scale(name, 1.0)
+        ctx.peft.set_adapter(ctx.names[0])
+    return Run(time.perf_counter() - begin, n, len(prompts), split, tokens, step_seconds)
+
+
+def _hf_generate(model, tokenizer, prompts: list[str], n: int) -> Run:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    clock = _StepClock()
+    begin = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, logits_processor=[clock],
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    seconds = time.perf_counter() - begin
+    new = out[:, batch.input_ids.shape[1] :].tolist()
+    return Run(seconds, n, len(prompts), {"forward": seconds}, new, _steps(clock.times, begin))
+
+
+def run_base(ctx: BenchContext, prompts: list[str], n: int) -> Run:
+    return _hf_generate(ctx.base, ctx.tokenizer, prompts, n)
+
+
+def run_expert(ctx: BenchContext, prompts: list[str], n: int) -> Run:
+    ctx.peft.set_adapter(ctx.names[0])
+    return _hf_generate(ctx.peft, ctx.tokenizer, prompts, n)
+
+
+def run_arrow(ctx: BenchContext, prompts: list[str], n: int) -> Run:
+    return _hf_generate(ctx.arrow.model, ctx.tokenizer, prompts, n)
+
+
+def run_ours(
+    ctx: BenchContext,
+    prompts: list[str],
+    n: int,
+    route: str = "paper",
+    every_k: int = 1,
+    decode: str = "cached",
+    merge: str = "exact",
+) -> Run:
+    ctx.mixture.set_merge(merge)
+    begin = time.perf_counter()
+    stream = ctx.mixture.stream(
+        prompts, route=route, every_k=every_k, decode=decode, max_new_tokens=n, min_new_tokens=n
+    )
+    times = [time.perf_counter() for event in stream if event.sequence == stream.sequences[0].index]
+    seconds = time.perf_counter() - begin
+    results = stream.results()
+    timing = results[0].timing
+    forward = timing["prefill"] + timing["decode"]
+    split = {"forward": forward, "routing": timing["routing"], "other": seconds - forward - timing["routing"]}
+    return Run(seconds, n, len(prompts), split, [r.token_ids for r in results], _steps(times, begin))
+
+
+def ours_method(decode: str, k: int, merge: str = "exact") -> tuple[str, Callable]:
+    name = f"ours {decode} k={k}" + ("" if merge == "exact" else f" {merge}")
+    return name, lambda ctx, prompts, n: run_ours(ctx, prompts, n, every_k=k, decode=decode, merge=merge)
+
+
+PER_SEQUENCE = {"reference", "peft-scales k=1", "peft-scales k=2"}  # methods with no batching
+
+
+def method_table(quick: bool) -> dict[str, Callable]:
+    methods: dict[str, Callable] = {
+        "reference": run_reference,
+        "peft-scales k=1": lambda ctx, p, n: run_peft_scales(ctx, p, n, 1),
+        "base": run_base,
+        "expert": run_expert,
+        "ours-base": lambda ctx, p, n: run_ours(ctx, p, n, route="base"),
+    }
+    for decode, k, merge in [("cached", 1, "exact"), ("cached", 2, "exact"), ("recompute", 1, "linear")]:
+        name, function = ours_method(decode, k, merge)
+        methods[name] = function
+    if not quick:
+        methods["peft-scales k=2"] = lambda ctx, p, n: run_peft_scales(ctx, p, n, 2)
+        methods["arrow"] = run_arrow
+        for decode, k in [("cached", 4), ("recompute", 2)]:
+            name, function = ours_method(decode, k)
+            methods[name] = function
+    return methods
+
+
+def merge_grid() -> dict[str, Callable]:
+    """Every decode x k x merge combination, measured at one size."""
+    return dict(
+        ours_method(d, k, m) for d in ("cached", "recompute") for k in (1, 2, 4) for m in ("exact", "linear", "paper")
+    )
+
+
+# ---- measuring ----
+
+
+def measure(ctx: BenchContext, method: str, function: Callable, n: int, batch: int, repeats: int) -> tuple[Cell, Run]:
+    prompts = ctx.prompts(batch)
+    function(ctx, prompts[:1] if method in PER_SEQUENCE else prompts, 4)  # warm-up
+    runs: list[Run] = []
+    with _RssSampler() as rss:
+        started = time.perf_counter()
+        while len(runs) < repeats and (not runs or time.perf_counter() - started < CELL_BUDGET_SECONDS):
+            runs.append(function(ctx, prompts, n))
+    per_step = [1000 * r.seconds / r.steps for r in runs]
+    middle = runs[per_step.index(statistics.median_low(per_step))]
+    split = {part: round(1000 * seconds / middle.steps, 2) for part, seconds in middle.split.items()}
+    cell = Cell(
+        method=method,
+        tokens=n,
+        batch=batch,
+        ms_per_step=round(statistics.median(per_step), 2),
+        spread=(round(min(per_step), 2), round(max(per_step), 2)),
+        tokens_per_second=round(batch * n / statistics.median(r.seconds for r in runs), 2),
+        split_ms=split,
+        peak_rss_mb=rss.peak_mb,
+        repeats=len(runs),
+        step_ms=[round(1000 * s, 2) for s in middle.step_seconds] if batch == 1 else [],
+    )
+    return cell, middle
+
+
+@dataclass
+class Agreement:
+    check: str
+    same_tokens: bool
+    detail: str
+
+
+def agreements(runs: dict[tuple[str, int, int], Run]) -> list[Agreement]:
+    checks = [
+        ("ours recompute k=1 linear", "reference", "recompute at k=1 (PEFT linear merge) = the reference loop"),
+        ("ours cached k=1", "peft-scales k=1", "cached exact at k=1 = PEFT with per-adapter scales and a KV cache"),
+        ("ours-base", "base", "our loop with the experts off = HF generate on the base model"),
+    ]
+    found = []
+    for ours, theirs, text in checks:
+        for (method, n, batch), run in runs.items():
+            if method == ours and (theirs, n, batch) in runs:
+                other = runs[(theirs, n, batch)]
+                same = run.tokens[: len(other.tokens)] == other.tokens
+                found.append(Agreement(text, same, f"{n} tokens, batch {batch}"))
+    return found
+
+
+def run_benchmark(
+    out: Path,
+    quick: bool = False,
+    bundle: str | Path | None = None,
+    data: str | Path | None = None,
+    tokens: tuple[int, ...] | None = None,
+    batches: tuple[int, ...] | None = None,
+    repeats: int | None = None,
+    with_merge_grid: bool | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Measure every method on every (tokens, batch) cell; writes OUT/bench.json after each cell."""
+    settings = QUICK if quick else FULL
+    tokens = tokens or settings["tokens"]
+    batches = batches or settings["batches"]
+    repeats = repeats or settings["repeats"]
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = BenchContext(bundle, data)
+    methods = method_table(quick)
+    cells: list[Cell] = []
+    runs: dict[tuple[str, int, int], Run] = {}
+    report = {"meta": _meta(ctx, quick, tokens, batches, repeats), "cells": [], "agreement": []}
+
+    def record(name: str, function: Callable, n: int, batch: int) -> None:
+        cell, run = measure(
+            ctx, name, function, n, batch, repeats if batch * n <= 2048 or name not in PER_SEQUENCE else 1
+        )
+        cells.append(cell)
+        runs[(name, n, batch)] = run
+        report["cells"] = [asdict(c) for c in cells]
+        report["agreement"] = [asdict(a) for a in agreements(runs)]
+        (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        speed = f"{cell.ms_per_step:8.1f} ms/step  {cell.tokens_per_second:7.1f} tok/s"
+        progress(f"{name:<26} {n:>4} tokens  batch {batch:>2}: {speed}")
+
+    for batch in batches:
+        for n in tokens:
+            for name, function in methods.items():
+                if name in PER_SEQUENCE and batch > 1:
+                    continue  # per-sequence methods: their batch cost is batch x the batch-1 cost
+                record(name, function, n, batch)
+    if with_merge_grid if with_merge_grid is not None else not quick:
+        n = 128 if 128 in tokens else tokens[-1]
+        for name, function in merge_grid().items():
+            if not any(c.method == name and c.tokens == n and c.batch == 1 for c in cells):
+                record(name, function, n, 1)
+    return report
+
+
+def _meta(ctx: BenchContext, quick: bool, tokens, batches, repeats) -> dict:
+    from loramix.system import git_revision, machine_description, package_versions
+
+    return {
+        "bundle": str(ctx.bundle.root),
+        "base_model": ctx.bundle.base_model,
+        "experts": ctx.names,
+        "quick": quick,
+        "tokens": list(tokens),
+        "batches": list(batches),
+        "repeats": repeats,
+        "prompt_tokens": len(ctx.tokenizer(ctx.prompts(1)[0]).input_ids),
+        "machine": machine_description(),
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+# ---- reporting ----
+
+
+def _cell(report: dict, method: str, n: int, batch: int) -> dict | None:
+    return next(
+        (c for c in report["cells"] if c["method"] == method and c["tokens"] == n and c["batch"] == batch), None
+    )
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's speed targets, each with its measured figure and pass/fail (None when not measured)."""
+    rows = []
+
+    def add(target: str, value: float | None, limit: str, passed: bool | None) -> None:
+        rows.append({"target": target, "measured": value, "limit": limit, "passed": passed})
+
+    ref, k1, k2 = (_cell(report, m, 128, 1) for m in ("reference", "ours cached k=1", "ours cached k=2"))
+    base = _cell(report, "base", 128, 1)
+    speedup = ref["ms_per_step"] / k1["ms_per_step"] if ref and k1 else None
+    add(
+        "cached k=1, 128 tokens, batch 1: x faster than the reference loop",
+        speedup,
+        ">= 10",
+        None if speedup is None else speedup >= 10,
+    )
+    for cell in (k1, k2):
+        if cell and base:
+            overhead = cell["ms_per_step"] / (base["ms_per_step"] + cell["split_ms"]["routing"])
+            add(
+                f"{cell['method']}: time / (base decode + its router embeddings)", overhead, "<= 1.10", overhead <= 1.10
+            )
+    ratio = k2["ms_per_step"] / base["ms_per_step"] if k2 and base else None
+    add(
+        "cached k=2, 128 tokens, batch 1: x the base model's time per token",
+        ratio,
+        "<= 1.35",
+        None if ratio is None else ratio <= 1.35,
+    )
+    k4, base16 = _cell(report, "ours cached k=4", 128, 16), _cell(report, "base", 128, 16)
+    share = k4["tokens_per_second"] / base16["tokens_per_second"] if k4 and base16 else None
+    add(
+        "batch 16, k=4, 128 tokens: x the base model's throughput",
+        share,
+        ">= 0.8",
+        None if share is None else share >= 0.8,
+    )
+    return rows
+
+
+def write_plot(report: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(report["meta"]["tokens"])
+    cells = [c for c in report["cells"] if c["batch"] == 1 and c["tokens"] == n and c["step_ms"]]
+    if not cells:
+        return False
+    prompt_length = report["meta"].get("prompt_tokens", 0)
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for cell in cells:
+        lengths = [prompt_length + i + 1 for i in range(len(cell["step_ms"]))]
+        axis.plot(lengths, cell["step_ms"], label=cell["method"], linewidth=1)
+    axis.set_yscale("log")
+    axis.set_xlabel("sequence length (prompt + generated tokens)")
+    axis.set_ylabel("ms per generated token (log)")
+    axis.set_title(f"batch 1, {n} new tokens")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def render_markdown(report: dict, plot: str | None, command: str) -> str:
+    meta = report["meta"]
+    lines = ["# Benchmarks", ""]
+    lines += [
+        f"- command: `{command}`",
+        f"- machine: {meta['machine']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- model: `{meta['base_model']}` with experts {', '.join(meta['experts'])} (bundle `{meta['bundle']}`)",
+        f"- written: {meta['written']}; median of up to {meta['repeats']} repeats after a warm-up, spread = min-max",
+        "",
+        "Every method generates exactly N tokens greedily (end-of-sequence suppressed) on the same prompts: one GSM8K "
+        "prompt at batch 1, prompts from all four tasks at larger batches. `ms/step` is the time per decode step "
+        "(for a batch, one step makes one token per sequence); `reference` and `peft-scales` have no batching and "
+        "are measured one sequence at a time.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | limit | |",
+        "|---|---|---|---|",
+    ]
+    for row in targets(report):
+        value = "" if row["measured"] is None else f"{row['measured']:.2f}"
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[row["passed"]]
+        lines.append(f"| {row['target']} | {value} | {row['limit']} | {verdict} |")
+    for batch in meta["batches"]:
+        for n in meta["tokens"]:
+            rows = [c for c in report["cells"] if c["batch"] == batch and c["tokens"] == n]
+            if not rows:
+                continue
+            base = _cell(report, "base", n, batch)
+            ref = _cell(report, "reference", n, 1)
+            lines += ["", f"## {n} new tokens, batch {batch}", ""]
+            lines += [
+                "| method | ms/step | spread | tokens/s | x reference | x base | forward | routing | merge | other "
+                "| peak RSS MB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for c in rows:
+                split = c["split_ms"]
+                vs_ref = f"{ref['ms_per_step'] * batch / c['ms_per_step']:.1f}" if ref else ""
+                vs_base = f"{c['ms_per_step'] / base['ms_per_step']:.2f}" if base else ""
+                lines.append(
+                    f"| {c['method']} | {c['ms_per_step']:.1f} | {c['spread'][0]:.1f}-{c['spread'][1]:.1f} | "
+                    f"{c['tokens_per_second']:.1f} | {vs_ref} | {vs_base} | {split.get('forward', 0):.1f} | "
+                    f"{split.get('routing', 0):.1f} | {split.get('merge', 0):.1f} | {split.get('other', 0):.1f} | "
+                    f"{c['peak_rss_mb'] if c['peak_rss_mb'] is not None else ''} |"
+                )
+    if report["agreement"]:
+        lines += ["", "## Outputs that must agree", "", "| check | where | same tokens |", "|---|---|---|"]
+        for a in report["agreement"]:
+            lines.append(f"| {a['check']} | {a['detail']} | {'yes' if a['same_tokens'] else '**no**'} |")
+    if plot:
+        lines += ["", f"![ms per token vs sequence length]({plot})"]
+    lines += [
+        "",
+        "Columns: `x reference` is how many times faster than the reference loop per generated token (the reference "
+        "at batch B costs B times its batch-1 step); `x base` is ms/step relative to the base model decoding the same "
+        "batch with HF generate. The split is ms per step: `forward` the model, `routing` embedding + similarities, "
+        "`merge` PEFT adapter building or scale setting, `other` the rest of the loop. Peak RSS is the process's "
+        "resident memory above its level when the cell began.",
+        "",
+    ]
+    return "\n".join(lines)
