@@ -182,3 +182,15 @@ def test_fp16_stored_expert_is_upcast_and_stays_equivalent(tiny_base, tiny_exper
     with torch.no_grad():
         theirs = peft_model(**batch).logits
     assert (ours - theirs).abs().max() < TOLERANCE
+
+
+def test_changing_the_merge_mode_after_setting_weights_recomputes_the_coefficients(tiny_base, tiny_experts):
+    weights = [[0.6, 0.1, 0.3], [0.6, 0.1, 0.3]]
+    linear = _ours(tiny_base, tiny_experts, weights, "linear")
+    model, tokenizer = load_base_model(str(tiny_base))
+    state = attach_experts(model, [load_expert(p) for p in tiny_experts], "exact")
+    state.set_weights(torch.tensor(weights), torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        model(**_batch(tokenizer))  # builds nothing for exact; then switch
+        state.set_mode("linear")
+        assert (model(**_batch(tokenizer)).logits - linear).abs().max() < TOLERANCE

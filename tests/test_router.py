@@ -131,3 +131,29 @@ def test_unknown_embedder_dtype():
 
     with pytest.raises(LoramixError, match="Unknown embedder dtype"):
         Embedder(dtype="int4")
+
+
+def test_a_text_past_the_limit_for_good_is_not_even_decoded_again(embedder):
+    router = CentroidRouter(embedder, torch.randn(2, embedder.dim))
+    asked = []
+    texts = {"long": "Glaciers carve valleys over thousands of years. " * 70, "short": "A short prompt."}
+
+    def text_for(key):
+        asked.append(key)
+        return texts[key]
+
+    first = router.route(["long", "short"], text_for)
+    texts["long"] += " and more words"
+    texts["short"] += " Now longer."
+    second = router.route(["long", "short"], text_for)
+    assert asked == ["long", "short", "short"]
+    assert torch.equal(first.similarities[0], second.similarities[0])
+    assert second.reused == [True, False] and second.at_limit == [True, False]
+    fresh = CentroidRouter(embedder, router.centroids).similarities([texts["long"]])
+    assert torch.allclose(fresh.similarities[0], second.similarities[0], atol=1e-6), "the saving is exact"
+
+
+def test_a_text_that_only_just_reaches_the_limit_is_not_frozen_for_good(embedder):
+    router = CentroidRouter(embedder, torch.randn(2, embedder.dim))
+    assert not router._frozen_for_good("word " * 250 + "ending")  # the stable prefix has fewer than 254 pieces
+    assert router._frozen_for_good("word " * 300 + "ending")

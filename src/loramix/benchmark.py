@@ -32,7 +32,7 @@ from loramix.models import load_base_model
 from loramix.paths import data_dir
 from loramix.tasks import TASKS
 
-QUICK = {"tokens": (32,), "batches": (1, 8), "repeats": 1}
+QUICK = {"tokens": (32,), "batches": (1, 4), "repeats": 1}
 FULL = {"tokens": (32, 128, 256), "batches": (1, 8, 16), "repeats": 3}
 CELL_BUDGET_SECONDS = 90.0  # stop repeating a cell once its repeats have taken this long
 
@@ -94,7 +94,7 @@ class _RssSampler:
 
     @property
     def peak_mb(self) -> float | None:
-        return None if self.start is None else round(self.peak, 1)
+        return None if self.start is None else round(self.peak - self.start, 1)
 
 
 class _StepClock:
@@ -126,8 +126,6 @@ class BenchContext:
         self.paths = [str(self.bundle.root / e.path) for e in self.bundle.experts]
         self.mixture = MixtureModel.from_bundle(self.bundle.root)
         self.tokenizer = self.mixture.tokenizer
-        self.embedder = self.mixture.router.embedder
-        self.centroids = self.mixture.router.centroids
         self.base, _ = load_base_model(self.bundle.base_model)
         peft_base, _ = load_base_model(self.bundle.base_model)
         self.peft = PeftModel.from_pretrained(peft_base, self.paths[0], adapter_name=self.names[0])
@@ -159,11 +157,11 @@ class BenchContext:
         return self.mixture.eos_ids
 
     def paper_weights(self, text: str) -> list[float]:
-        """The reference's routing: embed the text, cosine to centroids, largest x 4, softmax."""
+        """The reference's routing: embed the text afresh, cosine to centroids, largest x 4, softmax.
+        (The same embedder at the same precision as ours, so outputs can be compared token for token.)"""
         from loramix.router import paper_weights
 
-        similarities = self.embedder.embed([text]) @ torch.nn.functional.normalize(self.centroids, dim=-1).T
-        return paper_weights(similarities)[0].tolist()
+        return paper_weights(self.mixture.router.similarities([text]).similarities)[0].tolist()
 
 
 # ---- the methods ----
@@ -299,6 +297,7 @@ def ours_method(decode: str, k: int, merge: str = "exact") -> tuple[str, Callabl
 
 
 PER_SEQUENCE = {"reference", "peft-scales k=1", "peft-scales k=2"}  # methods with no batching
+SLOW_AT_BATCH = {"expert", "ours recompute k=1 linear"}  # left out of quick runs at batch > 1
 
 
 def method_table(quick: bool) -> dict[str, Callable]:
@@ -318,7 +317,18 @@ def method_table(quick: bool) -> dict[str, Callable]:
         for decode, k in [("cached", 4), ("recompute", 2)]:
             name, function = ours_method(decode, k)
             methods[name] = function
+        methods["ours cached k=1 fp32 router"] = run_ours_fp32_router
     return methods
+
+
+def run_ours_fp32_router(ctx: BenchContext, prompts: list[str], n: int) -> Run:
+    """Ours at k=1 with the router's embedder in fp32 (exact), to show what bf16 routing saves."""
+    embedder = ctx.mixture.router.embedder
+    previous, embedder.bf16 = embedder.bf16, False
+    try:
+        return run_ours(ctx, prompts, n, every_k=1)
+    finally:
+        embedder.bf16 = previous
 
 
 def merge_grid() -> dict[str, Callable]:
@@ -420,6 +430,8 @@ def run_benchmark(
             for name, function in methods.items():
                 if name in PER_SEQUENCE and batch > 1:
                     continue  # per-sequence methods: their batch cost is batch x the batch-1 cost
+                if quick and batch > 1 and name in SLOW_AT_BATCH:
+                    continue
                 record(name, function, n, batch)
     if with_merge_grid if with_merge_grid is not None else not quick:
         n = 128 if 128 in tokens else tokens[-1]
@@ -582,7 +594,7 @@ def render_markdown(report: dict, plot: str | None, command: str) -> str:
         "at batch B costs B times its batch-1 step); `x base` is ms/step relative to the base model decoding the same "
         "batch with HF generate. The split is ms per step: `forward` the model, `routing` embedding + similarities, "
         "`merge` PEFT adapter building or scale setting, `other` the rest of the loop. Peak RSS is the process's "
-        "resident memory above its level when the cell began.",
+        "resident memory above its level when the cell began (models already loaded), sampled every 5 ms.",
         "",
     ]
     return "\n".join(lines)

@@ -307,8 +307,7 @@ class GenerationStream:
         if policy.kind == "fixed":
             return torch.tensor([policy.fixed] * len(rows))
         start = time.perf_counter()
-        texts = [self._routing_text(self.sequences[i]) for i in rows]
-        outcome = self.mx.router.similarities(texts, keys=rows)
+        outcome = self.mx.router.route(rows, lambda i: self._routing_text(self.sequences[i]))
         for i, reused, at_limit in zip(rows, outcome.reused, outcome.at_limit):
             self.sequences[i].reused += int(reused)
             self.sequences[i].frozen += int(at_limit)

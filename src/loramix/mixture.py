@@ -7,8 +7,9 @@ With expert i having A_i [r_i, in], B_i [out, r_i], scaling s_i and routing weig
 - linear : (sum_j c_j B_j)(sum_i c_i A_i) x, c_i = sqrt(w_i s_i)  (PEFT >= 0.7 combination_type="linear")
 - paper  : (sum_j B_j)(sum_i w_i s_i A_i) x                      (PEFT 0.4.0, what the reference code ran)
 
-All three are two small matmuls against the stacked matrices plus element-wise scaling:
-x @ A_cat^T -> [b, t, R] -> scale (and, for the merged modes, sum over experts and re-spread) -> @ B_cat^T.
+All three are two small matmuls per token: `exact` multiplies by the stacked matrices with a per-row scale in
+between; the merged modes build each row's A' and B' once per routing step (einsum over the stacks) and then
+apply them with bmm / baddbmm.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ class MixtureState:
     def __init__(self, ranks: list[int], scalings: list[float], mode: str = "exact"):
         self.ranks = ranks
         self.scalings = torch.tensor(scalings, dtype=torch.float32)
+        self.version = 0  # bumped by every change, so layers rebuild their per-row factors lazily
+        self.enabled = False  # experts off until weights are set
         self.mode = "exact"
         self.set_mode(mode)
-        self.enabled = False  # experts off until weights are set
-        self.scale_a: torch.Tensor | None = None  # [b, 1, R]: applied after x @ A_cat^T
-        self.scale_b: torch.Tensor | None = None  # [b, 1, R]: applied before @ B_cat^T (merged modes)
+        self.coef_a: torch.Tensor | None = None  # [b, n]: weights of the A side
+        self.coef_b: torch.Tensor | None = None  # [b, n]: weights of the B side (merged modes)
+        self.scale_a: torch.Tensor | None = None  # [b, 1, R]: coef_a spread over each expert's rank columns
 
     @property
     def n_experts(self) -> int:
@@ -47,32 +50,33 @@ class MixtureState:
                 "Use --merge exact (it mixes any ranks exactly) or retrain the experts with one rank."
             )
         self.mode = mode
+        self.version += 1
+        if self.enabled:  # the coefficients depend on the mode: recompute them from the last weights
+            self.set_weights(*self._last)
 
     def set_weights(self, weights: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
         """weights: [batch, n_experts] routing weights, or None to switch the experts off (base model)."""
+        self.version += 1
         if weights is None:
             self.enabled = False
             return
         if weights.dim() != 2 or weights.shape[1] != self.n_experts:
-            raise LoramixError(
-                f"Routing weights must have shape [batch, {self.n_experts}], got {tuple(weights.shape)}."
-            )
+            shape = tuple(weights.shape)
+            raise LoramixError(f"Routing weights must have shape [batch, {self.n_experts}], got {shape}.")
+        self._last = (weights, dtype, device)
         scaled = weights.float() * self.scalings  # w_i * s_i
         if self.mode == "exact":
-            scale_a, scale_b = scaled, None
+            coef_a, coef_b = scaled, None
         elif self.mode == "linear":
             root = scaled.abs().sqrt()
-            scale_a, scale_b = root * scaled.sign(), root  # the sign goes on one side only, as PEFT does
+            coef_a, coef_b = root * scaled.sign(), root  # the sign goes on one side only, as PEFT does
         else:  # paper
-            scale_a, scale_b = scaled, torch.ones_like(scaled)
-        self.scale_a = self._spread(scale_a).to(device=device, dtype=dtype)
-        self.scale_b = None if scale_b is None else self._spread(scale_b).to(device=device, dtype=dtype)
+            coef_a, coef_b = scaled, torch.ones_like(scaled)
+        self.coef_a = coef_a.to(device=device, dtype=dtype)
+        self.coef_b = None if coef_b is None else coef_b.to(device=device, dtype=dtype)
+        ranks = torch.tensor(self.ranks, device=device)
+        self.scale_a = self.coef_a.repeat_interleave(ranks, dim=1).unsqueeze(1)
         self.enabled = True
-
-    def _spread(self, per_expert: torch.Tensor) -> torch.Tensor:
-        """[b, n] -> [b, 1, R]: each expert's coefficient repeated over its rank columns."""
-        ranks = torch.tensor(self.ranks)
-        return per_expert.repeat_interleave(ranks, dim=1).unsqueeze(1)
 
 
 class MixtureLinear(nn.Module):
@@ -84,20 +88,31 @@ class MixtureLinear(nn.Module):
         self.register_buffer("lora_A", lora_A, persistent=False)  # [R, in]: experts' A stacked by rows
         self.register_buffer("lora_B", lora_B, persistent=False)  # [out, R]: experts' B stacked by columns
         self.state = state
+        self._factors_version = -1
+        self._merged_A: torch.Tensor | None = None  # [b, in, r]: (sum_i a_i A_i)^T per row
+        self._merged_B: torch.Tensor | None = None  # [b, r, out]: (sum_j b_j B_j)^T per row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         state = self.state
         if not state.enabled:
             return out
-        h = nn.functional.linear(x, self.lora_A) * state.scale_a  # [b, t, R]
-        if state.scale_b is not None:
-            # Merged modes: A' = sum_i a_i A_i, so sum the experts' rank blocks, then spread the result
-            # back over every expert's block, scaled by b_j, so one matmul applies B' = sum_j b_j B_j.
-            n, r = state.n_experts, state.ranks[0]
-            merged = h.unflatten(-1, (n, r)).sum(dim=-2)  # [b, t, r]
-            h = merged.repeat(1, 1, n) * state.scale_b
-        return out + nn.functional.linear(h, self.lora_B)
+        if state.coef_b is None:  # exact: two matmuls against the stacks, the per-row scale in between
+            h = nn.functional.linear(x, self.lora_A).mul_(state.scale_a)
+            return out.add_(nn.functional.linear(h, self.lora_B))
+        if self._factors_version != state.version:
+            self._build_merged_factors()
+        return torch.baddbmm(out, torch.bmm(x, self._merged_A), self._merged_B)
+
+    def _build_merged_factors(self) -> None:
+        """Merged modes: A' = sum_i a_i A_i and B' = sum_j b_j B_j for every row, once per routing step."""
+        state = self.state
+        n, r = state.n_experts, state.ranks[0]
+        stacked_A = self.lora_A.view(n, r, -1)  # [n, r, in]
+        stacked_B = self.lora_B.view(self.lora_B.shape[0], n, r)  # [out, n, r]
+        self._merged_A = torch.einsum("bn,nri->bir", state.coef_a, stacked_A)
+        self._merged_B = torch.einsum("bn,onr->bro", state.coef_b, stacked_B)
+        self._factors_version = state.version
 
 
 def _stack(experts: list[ExpertAdapter], module_name: str, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ change its embedding, so a routing step whose truncated input is unchanged reuse
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,20 +255,53 @@ class CentroidRouter:
                 f"'{self.embedder.name}' gives {self.embedder.dim}; rebuild the router with this embedder."
             )
         self._unit_centroids = torch.nn.functional.normalize(self.centroids.float(), dim=-1)
-        self._last: dict[object, tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._last: dict[Hashable, tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._frozen: dict[Hashable, torch.Tensor] = {}  # key -> its similarities, fixed for good
 
     def reset(self) -> None:
         """Forget cached embeddings (call between generations)."""
         self._last.clear()
+        self._frozen.clear()
 
-    def similarities(
-        self, texts: Sequence[str], keys: Sequence[object] | None = None
-    ) -> tuple[torch.Tensor, list[bool]]:
-        """Cosine similarities [len(texts), n_experts]; `keys` name the sequences for embedding reuse.
+    def route(self, keys: Sequence[Hashable], text_for: Callable[[Hashable], str]) -> RoutingOutcome:
+        """Similarities for the sequences named by `keys`; `text_for(key)` gives a sequence's current text.
 
-        Returns the similarities and, per text, whether its embedding was reused because the embedder's
-        truncated input had not changed since that key's last routing step.
+        A sequence whose text is past the embedder's input limit for good (the part before its last white space
+        already fills the input, so nothing appended can change what the embedder sees) is neither decoded,
+        tokenized nor embedded again: its last embedding is reused.
         """
+        start = time.perf_counter()
+        live = [key for key in keys if key not in self._frozen]
+        outcome = self.similarities([text_for(key) for key in live], keys=live) if live else None
+        rows, reused, at_limit = [], [], []
+        position = {key: i for i, key in enumerate(live)}
+        for key in keys:
+            if key in position:
+                i = position[key]
+                rows.append(outcome.similarities[i])
+                reused.append(outcome.reused[i])
+                at_limit.append(outcome.at_limit[i])
+            else:
+                rows.append(self._frozen[key])
+                reused.append(True)
+                at_limit.append(True)
+        if len(live) < len(keys):
+            self.stats.reused += len(keys) - len(live)
+            self.stats.at_limit += len(keys) - len(live)
+            self.stats.seconds += time.perf_counter() - start
+        return RoutingOutcome(torch.stack(rows), reused, at_limit)
+
+    def _frozen_for_good(self, text: str) -> bool:
+        """Whether the text before its last white space alone fills the embedder's input."""
+        cut = max(text.rfind(c) for c in " \n\t\r")
+        if cut <= 0:
+            return False
+        tokenizer = self.embedder.model.tokenizer
+        room = self.embedder.max_length - tokenizer.num_special_tokens_to_add()
+        return len(tokenizer(text[:cut], add_special_tokens=False).input_ids) >= room
+
+    def similarities(self, texts: Sequence[str], keys: Sequence[Hashable] | None = None) -> RoutingOutcome:
+        """Cosine similarities to the centroids; `keys` name the sequences whose embeddings may be reused."""
         start = time.perf_counter()
         features, ids = self.embedder.truncated_ids(texts)
         keys = list(keys) if keys is not None else [None] * len(texts)
@@ -293,5 +326,8 @@ class CentroidRouter:
         self.stats.reused += len(texts) - len(todo)
         self.stats.at_limit += sum(at_limit)
         sims = torch.stack(vectors) @ self._unit_centroids.T
+        for i, (key, text, limited) in enumerate(zip(keys, texts, at_limit)):
+            if limited and key is not None and key not in self._frozen and self._frozen_for_good(text):
+                self._frozen[key] = sims[i]
         self.stats.seconds += time.perf_counter() - start
         return RoutingOutcome(sims, reused, at_limit)
