@@ -433,7 +433,7 @@ def run_benchmark(
                 if quick and batch > 1 and name in SLOW_AT_BATCH:
                     continue
                 if batch > 1 and "recompute" in name:
-                    continue  # a full re-run of every sequence per re-route: measured at batch 1 (its cost grows ~B x L)
+                    continue  # re-runs every sequence per re-route: measured at batch 1 (cost grows ~B x L)
                 record(name, function, n, batch)
     if with_merge_grid if with_merge_grid is not None else not quick:
         n = 128 if 128 in tokens else tokens[-1]
