@@ -9,7 +9,14 @@ from loramix.benchmark import render_markdown, run_benchmark, targets, write_plo
 def test_quick_benchmark_runs_and_agrees(tiny_bundle, tiny_data, tmp_path):
     lines = []
     report = run_benchmark(
-        tmp_path, quick=True, bundle=tiny_bundle, data=tiny_data, tokens=(6,), batches=(1, 3), progress=lines.append
+        tmp_path,
+        quick=True,
+        bundle=tiny_bundle,
+        data=tiny_data,
+        tokens=(6,),
+        batches=(1, 3),
+        with_merge_grid=True,
+        progress=lines.append,
     )
     methods = {(c["method"], c["batch"]) for c in report["cells"]}
     assert ("reference", 1) in methods and ("reference", 3) not in methods  # per-sequence method: batch 1 only
@@ -20,8 +27,9 @@ def test_quick_benchmark_runs_and_agrees(tiny_bundle, tiny_data, tmp_path):
             assert len(cell["step_ms"]) == 6
     checks = {a["check"]: a["same_tokens"] for a in report["agreement"]}
     assert len(checks) == 3 and all(checks.values()), checks
-    assert (tmp_path / "bench.json").is_file() and len(lines) == len(report["cells"])
+    assert (tmp_path / "bench.json").is_file() and len(lines) == len(report["cells"]) + len(report["merge_grid"])
+    assert len(report["merge_grid"]) == 1 + 2 * 3 * 3  # base + decode x k x merge
     assert write_plot(report, tmp_path / "plot.png")
     text = render_markdown(report, "plot.png", "loramix bench --quick")
-    assert "## Targets" in text and "## Outputs that must agree" in text
+    assert "## Targets" in text and "## Outputs that must agree" in text and "## Merge modes" in text
     assert [t["passed"] for t in targets(report)][0] is None  # no 128-token cell in this run: not measured

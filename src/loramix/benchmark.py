@@ -341,30 +341,49 @@ def merge_grid() -> dict[str, Callable]:
 # ---- measuring ----
 
 
-def measure(ctx: BenchContext, method: str, function: Callable, n: int, batch: int, repeats: int) -> tuple[Cell, Run]:
+def measure_cell(
+    ctx: BenchContext, methods: dict[str, Callable], n: int, batch: int, repeats: int
+) -> list[tuple[Cell, Run]]:
+    """Time every method on one (tokens, batch) cell, round-robin: each round runs every method once, so a
+    machine whose speed drifts (shared hosts do) slows all methods alike instead of whichever ran last."""
     prompts = ctx.prompts(batch)
-    function(ctx, prompts[:1] if method in PER_SEQUENCE else prompts, 4)  # warm-up
-    runs: list[Run] = []
-    with _RssSampler() as rss:
-        started = time.perf_counter()
-        while len(runs) < repeats and (not runs or time.perf_counter() - started < CELL_BUDGET_SECONDS):
-            runs.append(function(ctx, prompts, n))
+    for name, function in methods.items():
+        function(ctx, prompts[:1] if name in PER_SEQUENCE else prompts, 4)  # warm-up
+    runs: dict[str, list[Run]] = {name: [] for name in methods}
+    peaks: dict[str, list[float]] = {name: [] for name in methods}
+    started = time.perf_counter()
+    budget = CELL_BUDGET_SECONDS * len(methods)
+    for round_number in range(repeats):
+        if round_number and time.perf_counter() - started > budget:
+            break
+        for name, function in methods.items():
+            with _RssSampler() as rss:
+                runs[name].append(function(ctx, prompts, n))
+            if rss.peak_mb is not None:
+                peaks[name].append(rss.peak_mb)
+    return [(_summarise(name, runs[name], n, batch, peaks[name]), _middle(runs[name])) for name in methods]
+
+
+def _middle(runs: list[Run]) -> Run:
+    per_step = [r.seconds / r.steps for r in runs]
+    return runs[per_step.index(statistics.median_low(per_step))]
+
+
+def _summarise(method: str, runs: list[Run], n: int, batch: int, peaks: list[float]) -> Cell:
     per_step = [1000 * r.seconds / r.steps for r in runs]
-    middle = runs[per_step.index(statistics.median_low(per_step))]
-    split = {part: round(1000 * seconds / middle.steps, 2) for part, seconds in middle.split.items()}
-    cell = Cell(
+    middle = _middle(runs)
+    return Cell(
         method=method,
         tokens=n,
         batch=batch,
         ms_per_step=round(statistics.median(per_step), 2),
         spread=(round(min(per_step), 2), round(max(per_step), 2)),
         tokens_per_second=round(batch * n / statistics.median(r.seconds for r in runs), 2),
-        split_ms=split,
-        peak_rss_mb=rss.peak_mb,
+        split_ms={part: round(1000 * seconds / middle.steps, 2) for part, seconds in middle.split.items()},
+        peak_rss_mb=max(peaks) if peaks else None,
         repeats=len(runs),
         step_ms=[round(1000 * s, 2) for s in middle.step_seconds] if batch == 1 else [],
     )
-    return cell, middle
 
 
 @dataclass
@@ -410,37 +429,39 @@ def run_benchmark(
     ctx = BenchContext(bundle, data)
     methods = method_table(quick)
     cells: list[Cell] = []
+    merge_cells: list[Cell] = []  # every decode x k x merge mode at one size, with its own base run
     runs: dict[tuple[str, int, int], Run] = {}
     report = {"meta": _meta(ctx, quick, tokens, batches, repeats), "cells": [], "agreement": []}
 
-    def record(name: str, function: Callable, n: int, batch: int) -> None:
-        cell, run = measure(
-            ctx, name, function, n, batch, repeats if batch * n <= 2048 or name not in PER_SEQUENCE else 1
-        )
-        cells.append(cell)
-        runs[(name, n, batch)] = run
+    def record(chosen: dict[str, Callable], n: int, batch: int, grid: list[Cell]) -> None:
+        for cell, run in measure_cell(ctx, chosen, n, batch, repeats):
+            grid.append(cell)
+            runs.setdefault((cell.method, n, batch), run)
+            speed = f"{cell.ms_per_step:8.1f} ms/step  {cell.tokens_per_second:7.1f} tok/s"
+            progress(f"{cell.method:<28} {n:>4} tokens  batch {batch:>2}: {speed}  ({cell.repeats} runs)")
         report["cells"] = [asdict(c) for c in cells]
+        report["merge_grid"] = [asdict(c) for c in merge_cells]
         report["agreement"] = [asdict(a) for a in agreements(runs)]
         (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        speed = f"{cell.ms_per_step:8.1f} ms/step  {cell.tokens_per_second:7.1f} tok/s"
-        progress(f"{name:<26} {n:>4} tokens  batch {batch:>2}: {speed}")
 
     for batch in batches:
         for n in tokens:
-            for name, function in methods.items():
-                if name in PER_SEQUENCE and batch > 1:
-                    continue  # per-sequence methods: their batch cost is batch x the batch-1 cost
-                if quick and batch > 1 and name in SLOW_AT_BATCH:
-                    continue
-                if batch > 1 and "recompute" in name:
-                    continue  # re-runs every sequence per re-route: measured at batch 1 (cost grows ~B x L)
-                record(name, function, n, batch)
+            chosen = {name: function for name, function in methods.items() if _runs_at(name, batch, quick)}
+            record(chosen, n, batch, cells)
     if with_merge_grid if with_merge_grid is not None else not quick:
         n = 128 if 128 in tokens else tokens[-1]
-        for name, function in merge_grid().items():
-            if not any(c.method == name and c.tokens == n and c.batch == 1 for c in cells):
-                record(name, function, n, 1)
+        record({"base": methods["base"], **merge_grid()}, n, 1, merge_cells)
     return report
+
+
+def _runs_at(name: str, batch: int, quick: bool) -> bool:
+    if batch == 1:
+        return True
+    if name in PER_SEQUENCE:
+        return False  # no batching: its batch cost is batch x the batch-1 cost
+    if "recompute" in name:
+        return False  # re-runs every sequence per re-route: measured at batch 1 (its cost grows ~B x L)
+    return not (quick and name in SLOW_AT_BATCH)
 
 
 def _meta(ctx: BenchContext, quick: bool, tokens, batches, repeats) -> dict:
@@ -584,6 +605,21 @@ def render_markdown(report: dict, plot: str | None, command: str) -> str:
                     f"{split.get('routing', 0):.1f} | {split.get('merge', 0):.1f} | {split.get('other', 0):.1f} | "
                     f"{c['peak_rss_mb'] if c['peak_rss_mb'] is not None else ''} |"
                 )
+    grid = report.get("merge_grid") or []
+    if grid:
+        base = next(c for c in grid if c["method"] == "base")
+        lines += [
+            "",
+            f"## Merge modes x decode modes x k ({grid[0]['tokens']} new tokens, batch 1, one round-robin)",
+            "",
+        ]
+        lines += ["| method | ms/step | spread | x base | routing | other |", "|---|---|---|---|---|---|"]
+        for c in grid:
+            lines.append(
+                f"| {c['method']} | {c['ms_per_step']:.1f} | {c['spread'][0]:.1f}-{c['spread'][1]:.1f} | "
+                f"{c['ms_per_step'] / base['ms_per_step']:.2f} | {c['split_ms'].get('routing', 0):.1f} | "
+                f"{c['split_ms'].get('other', 0):.1f} |"
+            )
     if report["agreement"]:
         lines += ["", "## Outputs that must agree", "", "| check | where | same tokens |", "|---|---|---|"]
         for a in report["agreement"]:
