@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from loramix.bundle import Bundle, resolve_bundle
+from loramix.errors import LoramixError
 from loramix.models import load_base_model
 from loramix.paths import data_dir
 from loramix.tasks import TASKS
@@ -114,30 +115,53 @@ def _steps(times: list[float], start: float) -> list[float]:
 
 
 class BenchContext:
-    """Models and prompts shared by every method (each method gets its own model copy)."""
+    """Models and prompts shared by every method (each method gets its own model copy).
 
-    def __init__(self, bundle_path: str | Path | None = None, data: str | Path | None = None):
-        from peft import PeftModel
+    `from_bundle` loads everything from a bundle; the constructor takes ready-made parts, so a script can
+    bench models that exist only in memory (e.g. randomly initialised ones of a real model's shape on a GPU).
+    """
 
+    def __init__(
+        self,
+        mixture,
+        base: torch.nn.Module,
+        peft,
+        expert_paths: list[str],
+        task_prompts: dict[str, list[str]],
+        description: dict,
+        bundle: Bundle | None = None,
+    ):
+        self.mixture = mixture
+        self.tokenizer = mixture.tokenizer
+        self.names = mixture.expert_names
+        self.paths = expert_paths
+        self.base = base
+        self.peft = peft
+        self.task_prompts = task_prompts
+        self.description = description  # bundle, base_model: what the report names
+        self.bundle = bundle
+        self.device = mixture.device
+        self._arrow = None
+
+    @classmethod
+    def from_bundle(cls, bundle_path: str | Path | None = None, data: str | Path | None = None) -> BenchContext:
         from loramix.generation import MixtureModel
 
-        self.bundle = Bundle.load(resolve_bundle(bundle_path))
-        self.names = self.bundle.expert_names
-        self.paths = [str(self.bundle.root / e.path) for e in self.bundle.experts]
-        self.mixture = MixtureModel.from_bundle(self.bundle.root)
-        self.tokenizer = self.mixture.tokenizer
-        self.base, _ = load_base_model(self.bundle.base_model)
-        peft_base, _ = load_base_model(self.bundle.base_model)
-        self.peft = PeftModel.from_pretrained(peft_base, self.paths[0], adapter_name=self.names[0])
-        for name, path in zip(self.names[1:], self.paths[1:]):
-            self.peft.load_adapter(path, adapter_name=name)
-        self.peft.eval()
-        self._arrow = None
+        bundle = Bundle.load(resolve_bundle(bundle_path))
+        paths = [str(bundle.root / e.path) for e in bundle.experts]
+        mixture = MixtureModel.from_bundle(bundle.root)
+        base, _ = load_base_model(bundle.base_model)
+        peft_base, _ = load_base_model(bundle.base_model)
+        peft = peft_with_experts(peft_base, mixture.expert_names, paths)
         root = data_dir(data)
-        self.task_prompts = {task: [e.prompt for e in spec.load(root, "test")[:16]] for task, spec in TASKS.items()}
+        task_prompts = {task: [e.prompt for e in spec.load(root, "test")[:16]] for task, spec in TASKS.items()}
+        description = {"bundle": str(bundle.root), "base_model": bundle.base_model}
+        return cls(mixture, base, peft, paths, task_prompts, description, bundle)
 
     @property
     def arrow(self):
+        if self.bundle is None:
+            raise LoramixError("The Arrow baseline needs a bundle on disk (its experts are loaded by PEFT).")
         if self._arrow is None:
             from loramix.baselines import ArrowBaseline
 
@@ -164,6 +188,16 @@ class BenchContext:
         return paper_weights(self.mixture.router.similarities([text]).similarities)[0].tolist()
 
 
+def peft_with_experts(model: torch.nn.Module, names: list[str], paths: list[str]):
+    """A PeftModel holding every expert adapter, the first one active."""
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, paths[0], adapter_name=names[0])
+    for name, path in zip(names[1:], paths[1:]):
+        peft.load_adapter(path, adapter_name=name)
+    return peft.eval()
+
+
 # ---- the methods ----
 
 
@@ -183,7 +217,7 @@ def run_reference(ctx: BenchContext, prompts: list[str], n: int) -> Run:
             ctx.peft.set_adapter("merged")
             merged = time.perf_counter()
             with torch.no_grad():
-                logits = ctx.peft(input_ids=torch.tensor([ids + generated])).logits[0, -1]
+                logits = ctx.peft(input_ids=torch.tensor([ids + generated], device=ctx.device)).logits[0, -1]
             forwarded = time.perf_counter()
             logits[ctx.eos] = float("-inf")
             generated.append(int(logits.argmax()))
@@ -212,7 +246,7 @@ def run_peft_scales(ctx: BenchContext, prompts: list[str], n: int, every_k: int 
             ids = ctx.tokenizer(prompt).input_ids
             generated: list[int] = []
             cache = DynamicCache(config=ctx.peft.config)
-            step_input = torch.tensor([ids])
+            step_input = torch.tensor([ids], device=ctx.device)
             for step in range(n):
                 start = time.perf_counter()
                 if step % every_k == 0:
@@ -229,7 +263,7 @@ def run_peft_scales(ctx: BenchContext, prompts: list[str], n: int, every_k: int 
                 split["forward"] += time.perf_counter() - forward_start
                 logits[ctx.eos] = float("-inf")
                 generated.append(int(logits.argmax()))
-                step_input = torch.tensor([[generated[-1]]])
+                step_input = torch.tensor([[generated[-1]]], device=ctx.device)
                 step_seconds.append(time.perf_counter() - start)
             tokens.append(generated)
     finally:
@@ -242,7 +276,7 @@ def run_peft_scales(ctx: BenchContext, prompts: list[str], n: int, every_k: int 
 
 def _hf_generate(model, tokenizer, prompts: list[str], n: int) -> Run:
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     clock = _StepClock()
     begin = time.perf_counter()
     with torch.no_grad():
@@ -419,15 +453,17 @@ def run_benchmark(
     repeats: int | None = None,
     with_merge_grid: bool | None = None,
     progress: Callable[[str], None] = print,
+    context: BenchContext | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> dict:
     """Measure every method on every (tokens, batch) cell; writes OUT/bench.json after each cell."""
     settings = QUICK if quick else FULL
-    tokens = tokens or settings["tokens"]
-    batches = batches or settings["batches"]
+    tokens = tokens if tokens is not None else settings["tokens"]
+    batches = batches if batches is not None else settings["batches"]
     repeats = repeats or settings["repeats"]
     out.mkdir(parents=True, exist_ok=True)
-    ctx = BenchContext(bundle, data)
-    methods = method_table(quick)
+    ctx = context or BenchContext.from_bundle(bundle, data)
+    methods = {n: f for n, f in method_table(quick).items() if n not in exclude}
     cells: list[Cell] = []
     merge_cells: list[Cell] = []  # every decode x k x merge mode at one size, with its own base run
     runs: dict[tuple[str, int, int], Run] = {}
@@ -468,8 +504,7 @@ def _meta(ctx: BenchContext, quick: bool, tokens, batches, repeats) -> dict:
     from loramix.system import git_revision, machine_description, package_versions
 
     return {
-        "bundle": str(ctx.bundle.root),
-        "base_model": ctx.bundle.base_model,
+        **ctx.description,
         "experts": ctx.names,
         "quick": quick,
         "tokens": list(tokens),

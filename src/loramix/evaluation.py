@@ -369,9 +369,9 @@ class _Engines:
 
 
 def resolve_embedder_dtype(dtype: str) -> str:
-    from loramix.router import native_bf16
+    from loramix.router import bf16_routing_pays
 
-    return dtype if dtype != "auto" else ("bf16" if native_bf16("cpu") else "fp32")
+    return dtype if dtype != "auto" else ("bf16" if bf16_routing_pays("cpu") else "fp32")
 
 
 def distributed_rank() -> tuple[int, int]:

@@ -16,7 +16,10 @@ def machine_description() -> str:
     import torch
 
     processor = platform.processor() or platform.machine()
-    return f"{processor}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    text = f"{processor}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
 
 
 def package_versions() -> dict[str, str | None]:
