@@ -10,7 +10,7 @@ OUT=${OUT:-bundles/smollm2-135m}
 $LORAMIX train gsm8k      --out "$OUT/experts/gsm8k"      --max-examples 2000 --epochs 1
 $LORAMIX train arc        --out "$OUT/experts/arc"        --max-examples 1119 --epochs 1
 $LORAMIX train squad      --out "$OUT/experts/squad"      --max-examples 1000 --epochs 1
-$LORAMIX train codealpaca --out "$OUT/experts/codealpaca" --max-examples 1815 --epochs 1
+$LORAMIX train codealpaca --out "$OUT/experts/codealpaca" --max-examples 1000 --epochs 1
 # The router sees every training text of each task (train splits only, never test data).
 $LORAMIX router build "$OUT" \
   --expert gsm8k="$OUT/experts/gsm8k" --expert arc="$OUT/experts/arc" \

@@ -33,3 +33,16 @@ def test_quick_benchmark_runs_and_agrees(tiny_bundle, tiny_data, tmp_path):
     text = render_markdown(report, "plot.png", "loramix bench --quick")
     assert "## Targets" in text and "## Outputs that must agree" in text and "## Merge modes" in text
     assert [t["passed"] for t in targets(report)][0] is None  # no 128-token cell in this run: not measured
+
+
+def test_markdown_rewrite_keeps_sections_measured_elsewhere(tmp_path):
+    from loramix.benchmark import KEPT_MARKER, keep_other_machines
+
+    path = tmp_path / "BENCHMARKS.md"
+    assert keep_other_machines(path, "# new\n") == "# new\n"  # no file yet
+    path.write_text(f"# old CPU tables\n\n{KEPT_MARKER}\n\n## GPU\n| a | b |\n", encoding="utf-8")
+    text = keep_other_machines(path, "# new CPU tables\n")
+    assert text.startswith("# new CPU tables") and "old CPU" not in text
+    assert text.endswith(f"{KEPT_MARKER}\n\n## GPU\n| a | b |\n")
+    path.write_text("# a report without the marker\n", encoding="utf-8")
+    assert keep_other_machines(path, "# new\n") == "# new\n"

@@ -520,6 +520,17 @@ def _meta(ctx: BenchContext, quick: bool, tokens, batches, repeats) -> dict:
 
 # ---- reporting ----
 
+KEPT_MARKER = "<!-- everything below this line is kept when `loramix bench --markdown` rewrites the file -->"
+
+
+def keep_other_machines(path: Path, text: str) -> str:
+    """The new report, followed by whatever an existing report file holds below KEPT_MARKER (e.g. GPU results
+    that were measured elsewhere and cannot be rerun here)."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if KEPT_MARKER not in old:
+        return text
+    return text.rstrip("\n") + "\n\n" + old[old.index(KEPT_MARKER) :]
+
 
 def _cell(report: dict, method: str, n: int, batch: int) -> dict | None:
     return next(

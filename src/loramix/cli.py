@@ -272,15 +272,18 @@ def bench(
         "runs/bench"
     ),
     bundle: BundleDir = None,
-    quick: Annotated[bool, typer.Option(help="A smoke check in under two minutes (32 tokens, batch 1 and 8).")] = False,
+    quick: Annotated[bool, typer.Option(help="A smoke check in under two minutes (32 tokens, batch 1 and 4).")] = False,
     tokens: Annotated[str | None, typer.Option(help="New-token counts, e.g. 32,128,256.")] = None,
     batches: Annotated[str | None, typer.Option(help="Batch sizes, e.g. 1,8,16.")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed repeats per cell (median reported).")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Also write the report here (e.g. BENCHMARKS.md).")] = None,
+    merge_grid: Annotated[
+        bool | None, typer.Option(help="Also time every decode x k x merge mode at batch 1 (default: full runs).")
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Speed against the reference loop, PEFT alternatives and plain decoding."""
-    from loramix.benchmark import render_markdown, run_benchmark, write_plot
+    from loramix.benchmark import keep_other_machines, render_markdown, run_benchmark, write_plot
 
     def numbers(text: str | None) -> tuple[int, ...] | None:
         try:
@@ -290,7 +293,7 @@ def bench(
 
     report = run_benchmark(
         out, quick=quick, bundle=bundle, data=data_dir, tokens=numbers(tokens), batches=numbers(batches),
-        repeats=repeats, progress=lambda line: console.print(line, highlight=False),
+        repeats=repeats, with_merge_grid=merge_grid, progress=lambda line: console.print(line, highlight=False),
     )  # fmt: skip
     plot = "ms_per_token.png" if write_plot(report, out / "ms_per_token.png") else None
     text = render_markdown(report, plot, "loramix " + " ".join(sys.argv[1:]))
@@ -300,7 +303,7 @@ def bench(
             import shutil
 
             shutil.copy(out / plot, markdown.parent / plot)
-        markdown.write_text(text, encoding="utf-8")
+        markdown.write_text(keep_other_machines(markdown, text), encoding="utf-8")
     console.print(f"[green]benchmark written to {out / 'bench.md'}[/]")
 
 
