@@ -32,7 +32,10 @@ DataDir = Annotated[
 ]
 EmbedderDtype = Annotated[
     str,
-    typer.Option(help="Router embedder precision: fp32 (exact), bf16 (~1.8x cheaper routing), auto (bf16 if native)."),
+    typer.Option(
+        help="Router embedder precision: fp32 (exact), bf16 (~1.8x cheaper routing on CPUs with AVX512-BF16), "
+        "auto (bf16 on such CPUs, else fp32)."
+    ),
 ]
 BundleDir = Annotated[
     Path | None, typer.Option("--bundle", help="Bundle folder (default: the trained default bundle).")
