@@ -98,3 +98,37 @@ def test_real_batch_equals_one_at_a_time(real_base, real_experts):
     for prompt, batched in zip(prompts, batch):
         alone = mixture.generate(prompt, every_k=2, max_new_tokens=8, min_new_tokens=8)
         assert batched.token_ids == alone.token_ids
+
+
+def test_shipped_bundle_is_complete_small_and_loads_in_peft():
+    from peft import PeftModel
+
+    from loramix.bundle import Bundle, default_bundle_path, packaged_bundle_path
+
+    root = packaged_bundle_path()
+    bundle = Bundle.load(root)
+    assert default_bundle_path() == root  # generate, demo and eval use it without --bundle
+    assert sorted(bundle.expert_names) == sorted(TASKS)
+    tracked = [p for p in root.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    assert sum(p.stat().st_size for p in tracked) < 25 * 2**20
+    model, _ = load_base_model(bundle.base_model)
+    signature = base_model_signature(model)
+    for entry in bundle.experts:
+        expert = load_expert(bundle.root / entry.path)
+        assert expert.task == entry.name and expert.base_model_signature == signature
+        assert (expert.metadata["data_fingerprint"], expert.metadata["train_seconds"]) != (None, None)
+    peft_model = PeftModel.from_pretrained(model, str(bundle.root / bundle.experts[0].path))  # PEFT loads it as is
+    assert peft_model.peft_config["default"].r == load_expert(bundle.root / bundle.experts[0].path).rank
+
+
+def test_shipped_router_sends_held_out_prompts_to_their_task():
+    try:
+        root = data_dir()
+    except LoramixError:
+        pytest.skip("the shared task data is not available")
+    mixture = MixtureModel.from_bundle(embedder_dtype="fp32")
+    for name, task in TASKS.items():
+        prompts = [e.prompt for e in task.load(root, "test")[:10]]
+        sims = mixture.router.similarities(prompts).similarities
+        chosen = [mixture.expert_names[i] for i in sims.argmax(dim=1).tolist()]
+        assert chosen.count(name) >= 7, f"{name}: routed to {chosen}"

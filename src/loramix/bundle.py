@@ -131,8 +131,8 @@ def resolve_bundle(path: str | Path | None) -> Path:
     found = default_bundle_path()
     if found is None:
         raise LoramixError(
-            "No bundle given and no default bundle exists yet. Run `loramix demo` (it trains a quick one), "
-            "or pass --bundle DIR."
+            f"No bundle given and the default one ({packaged_bundle_path()}) is missing. Restore it from git "
+            "(`git checkout -- bundles`), run `loramix demo` (it trains a quick one), or pass --bundle DIR."
         )
     return found
 
