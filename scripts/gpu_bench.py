@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from loramix.adapters import load_expert
-    from loramix.benchmark import BenchContext, render_markdown, run_benchmark, write_plot
+    from loramix.benchmark import BenchContext, run_benchmark, write_report_files
     from loramix.generation import MixtureModel
     from loramix.router import CentroidRouter, Embedder
 
@@ -156,9 +156,8 @@ def run(args: argparse.Namespace) -> None:
     if device == "cuda":
         report["meta"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    plot = "ms_per_token_gpu.png" if write_plot(report, args.out / "ms_per_token_gpu.png") else None
     command = "python scripts/gpu_bench.py run " + " ".join(args.command_line)
-    (args.out / "bench.md").write_text(render_markdown(report, plot, command), encoding="utf-8")
+    write_report_files(report, args.out, command, "ms_per_token_gpu.png")
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
 
 

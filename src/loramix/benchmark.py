@@ -604,6 +604,16 @@ def write_plot(report: dict, path: Path) -> bool:
     return True
 
 
+def write_report_files(
+    report: dict, out: Path, command: str, plot_name: str = "ms_per_token.png"
+) -> tuple[str, str | None]:
+    """Write OUT/bench.md and its plot; returns the markdown and the plot's file name (None when nothing to plot)."""
+    plot = plot_name if write_plot(report, out / plot_name) else None
+    text = render_markdown(report, plot, command)
+    (out / "bench.md").write_text(text, encoding="utf-8")
+    return text, plot
+
+
 def render_markdown(report: dict, plot: str | None, command: str) -> str:
     meta = report["meta"]
     lines = ["# Benchmarks", ""]

@@ -286,7 +286,7 @@ def bench(
     data_dir: DataDir = None,
 ) -> None:
     """Speed against the reference loop, PEFT alternatives and plain decoding."""
-    from loramix.benchmark import keep_other_machines, render_markdown, run_benchmark, write_plot
+    from loramix.benchmark import keep_other_machines, run_benchmark, write_report_files
 
     def numbers(text: str | None) -> tuple[int, ...] | None:
         try:
@@ -298,9 +298,7 @@ def bench(
         out, quick=quick, bundle=bundle, data=data_dir, tokens=numbers(tokens), batches=numbers(batches),
         repeats=repeats, with_merge_grid=merge_grid, progress=lambda line: console.print(line, highlight=False),
     )  # fmt: skip
-    plot = "ms_per_token.png" if write_plot(report, out / "ms_per_token.png") else None
-    text = render_markdown(report, plot, "loramix " + " ".join(sys.argv[1:]))
-    (out / "bench.md").write_text(text, encoding="utf-8")
+    text, plot = write_report_files(report, out, "loramix " + " ".join(sys.argv[1:]))
     if markdown is not None:
         if plot:
             import shutil
