@@ -210,7 +210,6 @@ def evaluate(
     report_only: Annotated[bool, typer.Option(help="Only rewrite the report from the items already scored.")] = False,
 ) -> None:
     """The paper's comparison with bootstrap CIs; re-running resumes (finished items are skipped)."""
-    from loramix.bundle import Bundle, resolve_bundle
     from loramix.evaluation import EvalPlan, distributed_rank, run_evaluation
     from loramix.report import write_report
 
@@ -231,15 +230,57 @@ def evaluate(
             PartialState().wait_for_everyone()
     if rank != 0:
         return
-    used = Bundle.load(resolve_bundle(bundle))
-    meta = {
-        "bundle": str(used.root), "base_model": used.base_model, "experts": used.expert_names, "split": split,
-        "limit": limit, "max_new_tokens": max_new_tokens, "command": "loramix " + " ".join(sys.argv[1:]),
-    }  # fmt: skip
-    results = write_report(out, meta)
+    results = write_report(out, _report_meta(bundle, split, limit, max_new_tokens))
     if not results:
         raise LoramixError(f"No scored items in {out} yet.")
     _print_results(results)
+    console.print(f"[green]report written to {out / 'results.md'}[/]")
+
+
+def _report_meta(bundle: Path | None, split: str, limit: int | None, max_new_tokens: int | None) -> dict:
+    from loramix.bundle import Bundle, resolve_bundle
+    from loramix.evaluation import oracle_experts
+
+    used = Bundle.load(resolve_bundle(bundle))
+    return {
+        "bundle": str(used.root), "base_model": used.base_model, "experts": used.expert_names, "split": split,
+        "limit": limit, "max_new_tokens": max_new_tokens, "command": "loramix " + " ".join(sys.argv[1:]),
+        "oracle_experts": oracle_experts(used),
+    }  # fmt: skip
+
+
+@app.command()
+def specialist(
+    out: Annotated[Path, typer.Option("--out", help="Folder for answer_loss.jsonl (and the report, results.md).")],
+    bundle: BundleDir = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = "gsm8k,arc,squad,codealpaca",
+    limit: Annotated[int | None, typer.Option(help="First N test items per task (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Items scored together.")] = 8,
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    data_dir: DataDir = None,
+) -> None:
+    """Gold-answer loss of the base model and of each expert alone on every task (the specialist matrix by
+    teacher forcing); resumable, and added to the eval report in the same folder."""
+    from rich.table import Table
+
+    from loramix.report import write_report
+    from loramix.specialist import SpecialistPlan, run_specialist
+
+    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    plan = SpecialistPlan(bundle, task_list, out, limit, batch_size, split, data_dir)
+    store = run_specialist(plan)
+    if store.dropped:
+        err_console.print(f"[yellow]{store.dropped} unreadable line(s) were dropped and redone.[/]")
+    results = write_report(out, _report_meta(bundle, split, limit, None))
+    matrix = results["answer_loss"]
+    table = Table(title="gold-answer loss, nats/token (lower is better)")
+    table.add_column("model")
+    for task in matrix["tasks"]:
+        table.add_column(f"{task} (n={matrix['tasks'][task]['n']})", justify="right")
+    for model in matrix["models"]:
+        cells = [matrix["tasks"][t]["loss"].get(model) for t in matrix["tasks"]]
+        table.add_row(model, *(f"{c['mean']:.3f}" if c else "" for c in cells))
+    console.print(table)
     console.print(f"[green]report written to {out / 'results.md'}[/]")
 
 

@@ -89,6 +89,14 @@ def oracle_expert(bundle: Bundle, task: str) -> str:
     raise LoramixError(f"The bundle has no expert for task '{task}', so the 'oracle' config cannot run on it.")
 
 
+def oracle_experts(bundle: Bundle) -> dict[str, str]:
+    """Task -> the bundle's expert for it (what `oracle` uses)."""
+    chosen: dict[str, str] = {}
+    for entry in bundle.experts:  # the first expert of a task, as oracle_expert picks
+        chosen.setdefault(entry.task or entry.name, entry.name)
+    return chosen
+
+
 def parse_configs(spec: str, bundle: Bundle, defaults: EvalConfig | None = None) -> list[EvalConfig]:
     """Parse --configs (see the module docstring)."""
     defaults = defaults or EvalConfig(kind="tla")
@@ -206,26 +214,31 @@ def item_key(
 # ---- the results file ----
 
 
+REQUIRED_FIELDS = ("key", "config", "task", "id", "prediction", "scores")
+
+
 @dataclass
 class ItemStore:
     """Scored items as JSON lines; appends are flushed to disk so a kill loses nothing finished."""
 
     folder: Path
     rank: int = 0
+    stem: str = "items"  # file name: STEM.jsonl (rank 0), STEM.rankR.jsonl
+    required: tuple[str, ...] = REQUIRED_FIELDS
     dropped: int = 0
     records: dict[tuple[str, str], dict] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
-        return self.folder / ("items.jsonl" if self.rank == 0 else f"items.rank{self.rank}.jsonl")
+        return self.folder / (f"{self.stem}.jsonl" if self.rank == 0 else f"{self.stem}.rank{self.rank}.jsonl")
 
     def load(self) -> ItemStore:
         self.folder.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.folder.glob("items*.jsonl")):
+        for path in sorted(self.folder.glob(f"{self.stem}.*jsonl")):
             lines = path.read_text(encoding="utf-8").splitlines()
             good_lines = []
             for line in lines:
-                record = _parse_record(line)
+                record = _parse_record(line, self.required)
                 if record is None:
                     self.dropped += 1
                     continue
@@ -252,17 +265,14 @@ class ItemStore:
             self.records[(record["key"], record["id"])] = record
 
 
-REQUIRED_FIELDS = ("key", "config", "task", "id", "prediction", "scores")
-
-
-def _parse_record(line: str) -> dict | None:
+def _parse_record(line: str, required: tuple[str, ...]) -> dict | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
         return None
-    if not isinstance(record, dict) or any(f not in record for f in REQUIRED_FIELDS):
+    if not isinstance(record, dict) or any(f not in record for f in required):
         return None
-    if not isinstance(record["scores"], dict):
+    if "scores" in required and not isinstance(record["scores"], dict):
         return None
     return record
 

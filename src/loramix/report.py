@@ -19,6 +19,7 @@ import numpy as np
 from loramix import __version__
 from loramix.evaluation import load_records
 from loramix.metrics import PRIMARY_METRIC
+from loramix.specialist import loss_store
 from loramix.system import git_revision, machine_description, package_versions
 from loramix.tasks import TASKS
 
@@ -86,6 +87,21 @@ class Scores:
         tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
         return cls(dict(items), dict(seconds), dict(weights), dict(frozen), configs, tasks)
 
+    def alias_oracle(self, oracle_experts: dict[str, str]) -> None:
+        """`expert:E` on E's own task is the `oracle` on it (same key, so scored once): give it to both."""
+        for task, expert in oracle_experts.items():
+            config = f"expert:{expert}"
+            if config not in self.configs:
+                continue
+            for a, b in ((config, "oracle"), ("oracle", config)):
+                if (a, task) not in self.items and (b, task) in self.items:
+                    self.items[(a, task)] = self.items[(b, task)]
+
+    def shared_ids(self, task: str) -> list[str]:
+        """Items of `task` that every config which ran it has scored: the main table compares these only."""
+        cells = [set(self.items[(c, task)]) for c in self.configs if (c, task) in self.items]
+        return sorted(set.intersection(*cells)) if cells else []
+
     def values(self, config: str, task: str, metric: str, ids: list[str] | None = None) -> np.ndarray:
         cell = self.items.get((config, task), {})
         chosen = ids if ids is not None else sorted(cell)
@@ -99,7 +115,10 @@ class Scores:
 
 
 def summarise(scores: Scores) -> dict:
+    """Per config and task: every metric's mean and CI over the task's shared items (see Scores.shared_ids), so
+    all cells of a task compare the same items; `n_scored` counts all the config has scored there."""
     table: dict = {}
+    shared = {task: scores.shared_ids(task) for task in scores.tasks}
     for config in scores.configs:
         row: dict = {}
         for task in scores.tasks:
@@ -108,16 +127,17 @@ def summarise(scores: Scores) -> dict:
                 continue
             metrics = sorted({m for s in cell.values() for m in s})
             row[task] = {
-                "n": len(cell),
+                "n": len(shared[task]),
+                "n_scored": len(cell),
                 "primary": PRIMARY_METRIC[task],
-                "metrics": {m: _mean_ci(scores.values(config, task, m)) for m in metrics},
+                "metrics": {m: _mean_ci(scores.values(config, task, m, shared[task])) for m in metrics},
                 "seconds": round(scores.seconds.get((config, task), 0.0), 1),
             }
             if (config, task) in scores.frozen and scores.frozen[(config, task)][1]:
                 done, total = scores.frozen[(config, task)]
                 row[task]["frozen_reroute_share"] = round(done / total, 4)
         if scores.has_all_tasks(config) and len(scores.tasks) > 1:
-            per_task = [scores.values(config, t, PRIMARY_METRIC[t]) for t in scores.tasks]
+            per_task = [scores.values(config, t, PRIMARY_METRIC[t], shared[t]) for t in scores.tasks]
             low, high = bootstrap_average_ci(per_task)
             row["average"] = {"mean": float(np.mean([v.mean() for v in per_task])), "ci": [low, high]}
         table[config] = row
@@ -238,7 +258,9 @@ def claims(scores: Scores) -> list[dict]:
 
 
 def summarise_average(scores: Scores, config: str) -> float:
-    return float(np.mean([scores.values(config, t, PRIMARY_METRIC[t]).mean() for t in scores.tasks]))
+    return float(
+        np.mean([scores.values(config, t, PRIMARY_METRIC[t], scores.shared_ids(t)).mean() for t in scores.tasks])
+    )
 
 
 def routing_means(scores: Scores) -> dict:
@@ -250,15 +272,39 @@ def routing_means(scores: Scores) -> dict:
     return dict(out)
 
 
+def answer_loss_matrix(records: list[dict]) -> dict:
+    """Per task: each model's mean gold-answer loss (nats/token) over the items every model scored there, and each
+    expert minus the base model, paired over those items (records from `loramix specialist`)."""
+    losses: dict = defaultdict(dict)
+    for record in records:
+        losses[(record["model"], record["task"])][record["id"]] = record["nll"]
+    models = sorted(dict.fromkeys(r["model"] for r in records), key=lambda m: m != "base")  # base first
+    matrix: dict = {"models": models, "tasks": {}}
+    for task in (t for t in TASKS if any((m, t) in losses for m in models)):
+        present = [m for m in models if (m, task) in losses]
+        ids = sorted(set.intersection(*(set(losses[(m, task)]) for m in present)))
+        values = {m: np.array([losses[(m, task)][i] for i in ids]) for m in present}
+        row: dict = {"n": len(ids), "loss": {m: _mean_ci(v) for m, v in values.items()}, "vs_base": {}}
+        if "base" in values and ids:
+            for model in present[1:]:
+                difference = values[model] - values["base"]
+                low, high = bootstrap_mean_ci(difference)
+                row["vs_base"][model] = {"mean": float(difference.mean()), "ci": [low, high]}
+        matrix["tasks"][task] = row
+    return matrix
+
+
 # ---- writing ----
 
 
 def write_report(out: Path, meta: dict | None = None) -> dict:
     """Write results.json, results.md and plots into `out` from the items there; returns the results."""
     records = load_records(out)
-    if not records:
+    loss_records = list(loss_store(out).load().records.values())
+    if not records and not loss_records:
         return {}
     scores = Scores.from_records(records)
+    scores.alias_oracle((meta or {}).get("oracle_experts", {}))
     results = {
         "meta": {
             "loramix_version": __version__,
@@ -276,6 +322,8 @@ def write_report(out: Path, meta: dict | None = None) -> dict:
             c: round(sum(v for (cc, _), v in scores.seconds.items() if cc == c), 1) for c in scores.configs
         },
     }
+    if loss_records:
+        results["answer_loss"] = answer_loss_matrix(loss_records)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plots = write_plots(out, scores, results)
     (out / "results.md").write_text(render_markdown(scores, results, plots), encoding="utf-8")
@@ -304,8 +352,17 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
             lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
     if meta.get("base_model") == "smollm2-135m":
         lines += ["", DEVIATIONS]
+    if not scores.configs:  # only `loramix specialist` has run
+        return "\n".join([*lines, "", *_render_answer_loss(results["answer_loss"], meta.get("oracle_experts", {}))])
     titles = {t: f"{TASKS[t].title} ({PRIMARY_METRIC[t]})" for t in scores.tasks}
-    lines += ["", "## Main table", "", "Primary metric x100, mean [95% bootstrap CI]; n items per cell below.", ""]
+    lines += [
+        "",
+        "## Main table",
+        "",
+        "Primary metric x100, mean [95% bootstrap CI]. Every cell of a column uses the same items: those every "
+        "config has scored on that task (n below; items some configs scored beyond them stay in items.jsonl).",
+        "",
+    ]
     header = ["config", *[titles[t] for t in scores.tasks]] + (["average"] if len(scores.tasks) > 1 else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config in scores.configs:
@@ -314,11 +371,8 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
         if len(scores.tasks) > 1:
             cells.append(_fmt(row["average"]) if "average" in row else "")
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
-    counts = ", ".join(
-        f"{TASKS[t].title}: {max((table[c][t]['n'] for c in scores.configs if t in table[c]), default=0)}"
-        for t in scores.tasks
-    )
-    lines += ["", f"Items per task (most in any config): {counts}."]
+    counts = ", ".join(f"{TASKS[t].title}: {len(scores.shared_ids(t))}" for t in scores.tasks)
+    lines += ["", f"Items per task: {counts}."]
 
     lines += ["", "## All metrics", ""]
     for task in scores.tasks:
@@ -338,19 +392,28 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
 
     experts = [c for c in scores.configs if c.startswith("expert:")]
     if experts:
-        lines += ["## Specialist matrix", "", "Each expert alone on every task (primary metric x100).", ""]
         lines += [
-            "| expert | " + " | ".join(titles[t] for t in scores.tasks) + " |",
+            "## Specialist matrix",
+            "",
+            "Each expert alone on every task, and the base model (primary metric x100); its own task in bold.",
+            "",
+        ]
+        lines += [
+            "| model | " + " | ".join(titles[t] for t in scores.tasks) + " |",
             "|" + "---|" * (len(scores.tasks) + 1),
         ]
-        for config in experts:
-            row = table[config]
-            lines.append(
-                f"| {config[7:]} | "
-                + " | ".join(_fmt(row[t]["metrics"][PRIMARY_METRIC[t]]) if t in row else "" for t in scores.tasks)
-                + " |"
-            )
+        own = meta.get("oracle_experts", {})
+        for config in [c for c in ("base",) if c in table] + experts:
+            row, name = table[config], config.removeprefix("expert:")
+            cells = [_fmt(row[t]["metrics"][PRIMARY_METRIC[t]]) if t in row else "" for t in scores.tasks]
+            cells = [
+                f"**{c}**" if c and own.get(t) == name and config != "base" else c for c, t in zip(cells, scores.tasks)
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+
+    if "answer_loss" in results:
+        lines += _render_answer_loss(results["answer_loss"], meta.get("oracle_experts", {}))
 
     if results["paired"]:
         lines += [
@@ -422,6 +485,38 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     return "\n".join(lines)
+
+
+def _render_answer_loss(matrix: dict, own: dict[str, str]) -> list[str]:
+    tasks = list(matrix["tasks"])
+    lines = [
+        "## Specialist matrix by gold-answer loss",
+        "",
+        "Mean loss of the gold answer under teacher forcing, nats per answer token (lower is better), "
+        "[95% bootstrap CI]; its own task in bold. It shows what each expert learned where the task metric "
+        "sits at the floor. Every cell of a column uses the same items.",
+        "",
+        "| model | " + " | ".join(f"{TASKS[t].title} (n={matrix['tasks'][t]['n']})" for t in tasks) + " |",
+        "|" + "---|" * (len(tasks) + 1),
+    ]
+    for model in matrix["models"]:
+        cells = []
+        for task in tasks:
+            cell = matrix["tasks"][task]["loss"].get(model)
+            text = f"{cell['mean']:.3f} [{cell['ci'][0]:.3f}, {cell['ci'][1]:.3f}]" if cell else ""
+            cells.append(f"**{text}**" if text and own.get(task) == model else text)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "Each task's own expert minus the base model, paired over the same items:", ""]
+    for task in tasks:
+        model = own.get(task)
+        cell = matrix["tasks"][task]["vs_base"].get(model) if model else None
+        if cell:
+            low, high = cell["ci"]
+            lines.append(
+                f"- {TASKS[task].title}: {model} {cell['mean']:+.3f} nats/token [{low:+.3f}, {high:+.3f}], "
+                f"{'lower' if high < 0 else 'not lower'} than the base model"
+            )
+    return [*lines, ""]
 
 
 def write_plots(out: Path, scores: Scores, results: dict) -> list[str]:
