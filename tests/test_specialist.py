@@ -81,7 +81,7 @@ def test_loss_matrix_pairs_items_and_differences():
     assert cell["vs_base"]["arc"]["mean"] == pytest.approx(-0.75)
 
 
-def test_main_table_compares_the_same_items_and_expert_on_own_task_is_the_oracle():
+def test_table_cells_use_the_reference_items_and_expert_on_own_task_is_the_oracle():
     def record(config, task, item, value):
         return {"config": config, "task": task, "id": item, "scores": {"accuracy": value, "f1": value}}
 
@@ -90,6 +90,8 @@ def test_main_table_compares_the_same_items_and_expert_on_own_task_is_the_oracle
     scores = Scores.from_records(records)
     scores.alias_oracle({"arc": "arc"})
     assert scores.items[("expert:arc", "arc")] == scores.items[("oracle", "arc")]
-    assert scores.shared_ids("arc") == ["a", "b"]
+    assert scores.reference_ids("arc") == ["a", "b", "c", "d"]
     table = summarise(scores)
-    assert table["base"]["arc"]["n"] == 2 and table["base"]["arc"]["n_scored"] == 4
+    assert table["base"]["arc"]["n"] == 4 and not table["base"]["arc"]["partial"]
+    partial = table["oracle"]["arc"]
+    assert partial["n"] == 2 and partial["partial"] and partial["metrics"]["accuracy"]["mean"] == 1.0

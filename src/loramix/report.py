@@ -97,10 +97,17 @@ class Scores:
                 if (a, task) not in self.items and (b, task) in self.items:
                     self.items[(a, task)] = self.items[(b, task)]
 
-    def shared_ids(self, task: str) -> list[str]:
-        """Items of `task` that every config which ran it has scored: the main table compares these only."""
+    def reference_ids(self, task: str) -> list[str]:
+        """The largest item set any config has scored on `task`: the main table compares configs on it."""
         cells = [set(self.items[(c, task)]) for c in self.configs if (c, task) in self.items]
-        return sorted(set.intersection(*cells)) if cells else []
+        return sorted(max(cells, key=len)) if cells else []
+
+    def cell_ids(self, config: str, task: str) -> tuple[list[str], bool]:
+        """The items a table cell averages, and whether the config is still partial there (then its own items,
+        fewer than the reference set; such cells are marked with their n and are not comparable)."""
+        own = set(self.items.get((config, task), {}))
+        reference = self.reference_ids(task)
+        return (reference, False) if own >= set(reference) else (sorted(own), True)
 
     def values(self, config: str, task: str, metric: str, ids: list[str] | None = None) -> np.ndarray:
         cell = self.items.get((config, task), {})
@@ -115,31 +122,38 @@ class Scores:
 
 
 def summarise(scores: Scores) -> dict:
-    """Per config and task: every metric's mean and CI over the task's shared items (see Scores.shared_ids), so
-    all cells of a task compare the same items; `n_scored` counts all the config has scored there."""
+    """Per config and task: every metric's mean and CI over the task's reference items (Scores.cell_ids), so the
+    cells of a task compare the same items; a config still short of them is `partial` (its own items)."""
     table: dict = {}
-    shared = {task: scores.shared_ids(task) for task in scores.tasks}
     for config in scores.configs:
         row: dict = {}
         for task in scores.tasks:
             cell = scores.items.get((config, task))
             if not cell:
                 continue
+            ids, partial = scores.cell_ids(config, task)
             metrics = sorted({m for s in cell.values() for m in s})
             row[task] = {
-                "n": len(shared[task]),
-                "n_scored": len(cell),
+                "n": len(ids),
+                "partial": partial,
                 "primary": PRIMARY_METRIC[task],
-                "metrics": {m: _mean_ci(scores.values(config, task, m, shared[task])) for m in metrics},
+                "metrics": {m: _mean_ci(scores.values(config, task, m, ids)) for m in metrics},
                 "seconds": round(scores.seconds.get((config, task), 0.0), 1),
             }
             if (config, task) in scores.frozen and scores.frozen[(config, task)][1]:
                 done, total = scores.frozen[(config, task)]
                 row[task]["frozen_reroute_share"] = round(done / total, 4)
         if scores.has_all_tasks(config) and len(scores.tasks) > 1:
-            per_task = [scores.values(config, t, PRIMARY_METRIC[t], shared[t]) for t in scores.tasks]
+            per_task = [
+                scores.values(config, t, PRIMARY_METRIC[t], scores.cell_ids(config, t)[0]) for t in scores.tasks
+            ]
             low, high = bootstrap_average_ci(per_task)
-            row["average"] = {"mean": float(np.mean([v.mean() for v in per_task])), "ci": [low, high]}
+            partial = any(row[t]["partial"] for t in scores.tasks)
+            row["average"] = {
+                "mean": float(np.mean([v.mean() for v in per_task])),
+                "ci": [low, high],
+                "partial": partial,
+            }
         table[config] = row
     return table
 
@@ -259,7 +273,9 @@ def claims(scores: Scores) -> list[dict]:
 
 def summarise_average(scores: Scores, config: str) -> float:
     return float(
-        np.mean([scores.values(config, t, PRIMARY_METRIC[t], scores.shared_ids(t)).mean() for t in scores.tasks])
+        np.mean(
+            [scores.values(config, t, PRIMARY_METRIC[t], scores.cell_ids(config, t)[0]).mean() for t in scores.tasks]
+        )
     )
 
 
@@ -335,6 +351,11 @@ def _fmt(cell: dict, scale: float = 100.0) -> str:
     return f"{scale * cell['mean']:.1f} [{scale * low:.1f}, {scale * high:.1f}]"
 
 
+def _cell(cell: dict, metric: str) -> str:
+    text = _fmt(cell["metrics"][metric])
+    return f"{text} *partial, n={cell['n']}*" if cell["partial"] else text
+
+
 DEVIATIONS = (
     "Deviations from the paper in this setting: base model SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32) "
     "instead of Llama-2-7b in 4-bit; SQuAD v1.1 train is unavailable offline, so the dev set is split by article "
@@ -359,20 +380,24 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
         "",
         "## Main table",
         "",
-        "Primary metric x100, mean [95% bootstrap CI]. Every cell of a column uses the same items: those every "
-        "config has scored on that task (n below; items some configs scored beyond them stay in items.jsonl).",
+        "Primary metric x100, mean [95% bootstrap CI]. The cells of a column use the same items (n in the "
+        "header), except cells marked *partial*: configs that have not scored all of them yet, shown on their own "
+        "items and not comparable with the rest of the column (paired comparisons below use common items only).",
         "",
     ]
-    header = ["config", *[titles[t] for t in scores.tasks]] + (["average"] if len(scores.tasks) > 1 else [])
+    header = [
+        "config",
+        *[f"{titles[t]}, n={len(scores.reference_ids(t))}" for t in scores.tasks],
+        *(["average"] if len(scores.tasks) > 1 else []),
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config in scores.configs:
         row = table[config]
-        cells = [_fmt(row[t]["metrics"][PRIMARY_METRIC[t]]) if t in row else "" for t in scores.tasks]
+        cells = [_cell(row[t], PRIMARY_METRIC[t]) if t in row else "" for t in scores.tasks]
         if len(scores.tasks) > 1:
-            cells.append(_fmt(row["average"]) if "average" in row else "")
+            average = row.get("average")
+            cells.append(_fmt(average) + (" *partial*" if average["partial"] else "") if average else "")
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
-    counts = ", ".join(f"{TASKS[t].title}: {len(scores.shared_ids(t))}" for t in scores.tasks)
-    lines += ["", f"Items per task: {counts}."]
 
     lines += ["", "## All metrics", ""]
     for task in scores.tasks:
@@ -405,7 +430,7 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
         own = meta.get("oracle_experts", {})
         for config in [c for c in ("base",) if c in table] + experts:
             row, name = table[config], config.removeprefix("expert:")
-            cells = [_fmt(row[t]["metrics"][PRIMARY_METRIC[t]]) if t in row else "" for t in scores.tasks]
+            cells = [_cell(row[t], PRIMARY_METRIC[t]) if t in row else "" for t in scores.tasks]
             cells = [
                 f"**{c}**" if c and own.get(t) == name and config != "base" else c for c, t in zip(cells, scores.tasks)
             ]
