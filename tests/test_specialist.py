@@ -66,6 +66,7 @@ def test_run_resumes_and_the_report_shows_the_matrix(tiny_bundle, tiny_data, tmp
     assert matrix["tasks"]["arc"]["n"] == 2 and set(matrix["tasks"]["arc"]["vs_base"]) == set(ORACLE)
     markdown = (out / "results.md").read_text()
     assert "## Specialist matrix by gold-answer loss" in markdown and "## Main table" not in markdown
+    assert (out / "answer_loss.png").stat().st_size > 0 and "answer_loss.png" in markdown
 
 
 def test_loss_matrix_pairs_items_and_differences():

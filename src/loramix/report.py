@@ -374,7 +374,8 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
     if meta.get("base_model") == "smollm2-135m":
         lines += ["", DEVIATIONS]
     if not scores.configs:  # only `loramix specialist` has run
-        return "\n".join([*lines, "", *_render_answer_loss(results["answer_loss"], meta.get("oracle_experts", {}))])
+        lines += ["", *_render_answer_loss(results["answer_loss"], meta.get("oracle_experts", {}))]
+        return "\n".join([*lines, *(f"![{plot}]({plot})\n" for plot in plots)])
     titles = {t: f"{TASKS[t].title} ({PRIMARY_METRIC[t]})" for t in scores.tasks}
     lines += [
         "",
@@ -611,4 +612,30 @@ def write_plots(out: Path, scores: Scores, results: dict) -> list[str]:
         figure.savefig(out / "routing_weights.png", dpi=110)
         plt.close(figure)
         written.append("routing_weights.png")
+    if "answer_loss" in results:
+        written.append(_plot_answer_loss(out, results["answer_loss"], plt))
     return written
+
+
+def _plot_answer_loss(out: Path, matrix: dict, plt) -> str:
+    """Heat map of each model's gold-answer loss relative to the base model's, per task (blue: lower)."""
+    tasks, models = list(matrix["tasks"]), matrix["models"]
+    loss = np.array([[matrix["tasks"][t]["loss"].get(m, {}).get("mean", np.nan) for t in tasks] for m in models])
+    base = loss[models.index("base")] if "base" in models else np.nanmin(loss, axis=0)
+    relative = loss / base - 1.0
+    figure, axis = plt.subplots(figsize=(1.4 * len(tasks) + 2, 0.6 * len(models) + 1.6))
+    limit = float(np.nanmax(np.abs(relative))) or 1.0
+    image = axis.imshow(relative, vmin=-limit, vmax=limit, cmap="RdBu_r")
+    axis.set_xticks(range(len(tasks)), [TASKS[t].title for t in tasks], rotation=20)
+    axis.set_yticks(range(len(models)), models)
+    for i in range(len(models)):
+        for j in range(len(tasks)):
+            color = "white" if abs(relative[i, j]) > 0.6 * limit else "black"
+            text = f"{loss[i, j]:.2f}\n{100 * relative[i, j]:+.0f}%"
+            axis.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+    axis.set_title("gold-answer loss, nats/token (vs base)")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(out / "answer_loss.png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return "answer_loss.png"
