@@ -83,16 +83,16 @@ class EvalConfig:
 
 
 def oracle_expert(bundle: Bundle, task: str) -> str:
-    for entry in bundle.experts:
-        if (entry.task or entry.name) == task:
-            return entry.name
-    raise LoramixError(f"The bundle has no expert for task '{task}', so the 'oracle' config cannot run on it.")
+    name = oracle_experts(bundle).get(task)
+    if name is None:
+        raise LoramixError(f"The bundle has no expert for task '{task}', so the 'oracle' config cannot run on it.")
+    return name
 
 
 def oracle_experts(bundle: Bundle) -> dict[str, str]:
     """Task -> the bundle's expert for it (what `oracle` uses)."""
     chosen: dict[str, str] = {}
-    for entry in bundle.experts:  # the first expert of a task, as oracle_expert picks
+    for entry in bundle.experts:  # a task's first expert
         chosen.setdefault(entry.task or entry.name, entry.name)
     return chosen
 
