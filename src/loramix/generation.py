@@ -377,7 +377,7 @@ class GenerationStream:
         weights = self._route(rows)
         mx.set_weights(weights)
         start = time.perf_counter()
-        logits, cache = mx.forward(ids, mask, _positions(mask), None)
+        logits, cache = mx.forward(ids, mask, left_padded_positions(mask), None)
         self.timing["prefill"] += time.perf_counter() - start
         if options.first_token_candidates:
             candidates = list(options.first_token_candidates)
@@ -424,9 +424,9 @@ class GenerationStream:
                 mx.set_weights(weights)
             start = time.perf_counter()
             if options.decode == "recompute" and reroute:
-                logits, cache = mx.forward(ids, mask, _positions(mask), None)
+                logits, cache = mx.forward(ids, mask, left_padded_positions(mask), None)
             else:
-                positions = _positions(mask)[:, -1:]
+                positions = left_padded_positions(mask)[:, -1:]
                 logits, cache = mx.forward(ids[:, -1:], mask, positions, cache)
             self.timing["decode"] += time.perf_counter() - start
         self.timing["total"] = time.perf_counter() - run_start
@@ -467,6 +467,6 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[: min(found)] if found else text
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding."""
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (each row counts from its first real token)."""
     return (mask.cumsum(dim=-1) - 1).clamp(min=0)

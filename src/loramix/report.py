@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -67,6 +67,7 @@ class Scores:
     frozen: dict[tuple[str, str], tuple[int, int]]
     configs: list[str]
     tasks: list[str]
+    _references: dict[str, list[str]] = field(default_factory=dict, repr=False)  # reference_ids, per task
 
     @classmethod
     def from_records(cls, records: list[dict]) -> Scores:
@@ -96,11 +97,14 @@ class Scores:
             for a, b in ((config, "oracle"), ("oracle", config)):
                 if (a, task) not in self.items and (b, task) in self.items:
                     self.items[(a, task)] = self.items[(b, task)]
+        self._references.clear()
 
     def reference_ids(self, task: str) -> list[str]:
         """The largest item set any config has scored on `task`: the main table compares configs on it."""
-        cells = [set(self.items[(c, task)]) for c in self.configs if (c, task) in self.items]
-        return sorted(max(cells, key=len)) if cells else []
+        if task not in self._references:
+            cells = [set(self.items[(c, task)]) for c in self.configs if (c, task) in self.items]
+            self._references[task] = sorted(max(cells, key=len)) if cells else []
+        return self._references[task]
 
     def cell_ids(self, config: str, task: str) -> tuple[list[str], bool]:
         """The items a table cell averages, and whether the config is still partial there (then its own items,
@@ -127,11 +131,13 @@ def summarise(scores: Scores) -> dict:
     table: dict = {}
     for config in scores.configs:
         row: dict = {}
+        primary_values = []
         for task in scores.tasks:
             cell = scores.items.get((config, task))
             if not cell:
                 continue
             ids, partial = scores.cell_ids(config, task)
+            primary_values.append(scores.values(config, task, PRIMARY_METRIC[task], ids))
             metrics = sorted({m for s in cell.values() for m in s})
             row[task] = {
                 "n": len(ids),
@@ -144,13 +150,10 @@ def summarise(scores: Scores) -> dict:
                 done, total = scores.frozen[(config, task)]
                 row[task]["frozen_reroute_share"] = round(done / total, 4)
         if scores.has_all_tasks(config) and len(scores.tasks) > 1:
-            per_task = [
-                scores.values(config, t, PRIMARY_METRIC[t], scores.cell_ids(config, t)[0]) for t in scores.tasks
-            ]
-            low, high = bootstrap_average_ci(per_task)
+            low, high = bootstrap_average_ci(primary_values)
             partial = any(row[t]["partial"] for t in scores.tasks)
             row["average"] = {
-                "mean": float(np.mean([v.mean() for v in per_task])),
+                "mean": float(np.mean([v.mean() for v in primary_values])),
                 "ci": [low, high],
                 "partial": partial,
             }

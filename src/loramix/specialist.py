@@ -19,6 +19,7 @@ import torch
 
 from loramix.bundle import Bundle, resolve_bundle
 from loramix.evaluation import BundleFingerprint, ItemStore
+from loramix.generation import MixtureModel, left_padded_positions
 from loramix.paths import data_dir
 from loramix.tasks import TASKS, Example, get_task
 
@@ -77,7 +78,7 @@ def answer_losses(mixture, examples: list[Example], weights: torch.Tensor | None
             mixture.model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
-                position_ids=(mask.cumsum(dim=-1) - 1).clamp(min=0).to(device),
+                position_ids=left_padded_positions(mask).to(device),
                 use_cache=False,
                 logits_to_keep=keep,
             )
@@ -95,8 +96,6 @@ def answer_losses(mixture, examples: list[Example], weights: torch.Tensor | None
 def run_specialist(plan: SpecialistPlan, progress: bool = True) -> ItemStore:
     """Score every pending (model, task, item) of the matrix; returns the store with everything so far."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from loramix.generation import MixtureModel
 
     bundle = Bundle.load(resolve_bundle(plan.bundle))
     for task in plan.tasks:
