@@ -11,7 +11,7 @@ from loramix.bundle import Bundle
 from loramix.errors import LoramixError
 from loramix.evaluation import BundleFingerprint, EvalConfig, EvalPlan, item_key, parse_configs, run_evaluation
 from loramix.generation import MixtureModel
-from loramix.report import bootstrap_mean_ci, verdict, write_report
+from loramix.report import Scores, bootstrap_mean_ci, shared_item_averages, verdict, write_report
 
 TASKS = ("gsm8k", "arc", "codealpaca")  # the tiny bundle has no squad expert
 
@@ -162,3 +162,13 @@ def test_eval_cli_runs_and_reports(tiny_bundle, tiny_data, tmp_path):
     again = run_cli("eval", "--bundle", str(tiny_bundle), "--tasks", "squad", "--configs", "oracle", "--out", str(out),
                     "--data-dir", str(tiny_data))  # fmt: skip
     assert again.returncode == 2 and "no expert for task 'squad'" in again.stderr
+
+
+def test_claim_averages_compare_configs_on_the_items_they_share():
+    # k=2 has run on four items (the last two score 0), k=1 only on the first two: on those two they tie.
+    records = [
+        {"config": "tla:k=2", "task": "arc", "id": i, "scores": {"accuracy": v}} for i, v in zip("abcd", (1, 1, 0, 0))
+    ]
+    records += [{"config": "tla:k=1", "task": "arc", "id": i, "scores": {"accuracy": 1.0}} for i in "ab"]
+    averages = shared_item_averages(Scores.from_records(records), ["tla:k=2", "tla:k=1"])
+    assert averages == {"tla:k=2": 1.0, "tla:k=1": 1.0}

@@ -255,7 +255,7 @@ def claims(scores: Scores) -> list[dict]:
         overall = (
             "held" if all(v == "held" for v in verdicts) else ("not held" if "not held" in verdicts else "inconclusive")
         )
-        averages = {c: summarise_average(scores, c) for c in family}
+        averages = shared_item_averages(scores, family)
         top = max(averages, key=averages.get)
         out.append(
             {
@@ -274,12 +274,14 @@ def claims(scores: Scores) -> list[dict]:
     return out
 
 
-def summarise_average(scores: Scores, config: str) -> float:
-    return float(
-        np.mean(
-            [scores.values(config, t, PRIMARY_METRIC[t], scores.cell_ids(config, t)[0]).mean() for t in scores.tasks]
-        )
-    )
+def shared_item_averages(scores: Scores, configs: list[str]) -> dict[str, float]:
+    """Each config's average of the task means, every task on the items all `configs` have scored there
+    (a config that is further along must not be compared on a different item set)."""
+    shared = {t: sorted(set.intersection(*(set(scores.items[(c, t)]) for c in configs))) for t in scores.tasks}
+    return {
+        c: float(np.mean([scores.values(c, t, PRIMARY_METRIC[t], shared[t]).mean() for t in scores.tasks]))
+        for c in configs
+    }
 
 
 def routing_means(scores: Scores) -> dict:
