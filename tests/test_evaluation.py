@@ -11,7 +11,7 @@ from loramix.bundle import Bundle
 from loramix.errors import LoramixError
 from loramix.evaluation import BundleFingerprint, EvalConfig, EvalPlan, item_key, parse_configs, run_evaluation
 from loramix.generation import MixtureModel
-from loramix.report import Scores, bootstrap_mean_ci, shared_item_averages, verdict, write_report
+from loramix.report import Scores, bootstrap_mean_ci, paired_comparisons, shared_item_averages, verdict, write_report
 
 TASKS = ("gsm8k", "arc", "codealpaca")  # the tiny bundle has no squad expert
 
@@ -172,3 +172,17 @@ def test_claim_averages_compare_configs_on_the_items_they_share():
     records += [{"config": "tla:k=1", "task": "arc", "id": i, "scores": {"accuracy": 1.0}} for i in "ab"]
     averages = shared_item_averages(Scores.from_records(records), ["tla:k=2", "tla:k=1"])
     assert averages == {"tla:k=2": 1.0, "tla:k=1": 1.0}
+
+
+def test_each_tla_variant_is_compared_with_its_plain_k():
+    values = {"tla:k=2": (1, 1, 0), "tla:k=2,decode=recompute": (1, 1, 1), "tla:k=2,merge=paper": (0, 0, 0)}
+    records = [
+        {"config": config, "task": "arc", "id": i, "scores": {"accuracy": v}}
+        for config, scored in values.items()
+        for i, v in zip("abc", scored)
+    ]
+    rows = paired_comparisons(Scores.from_records(records))
+    differences = {(r["config"], r["versus"], r["task"]): r["difference"] for r in rows}
+    assert differences[("tla:k=2,decode=recompute", "tla:k=2", "arc")] == pytest.approx(1 / 3)
+    assert differences[("tla:k=2,merge=paper", "tla:k=2", "arc")] == pytest.approx(-2 / 3)
+    assert not any(r["versus"] == "tla:k=2,merge=paper" for r in rows)

@@ -201,15 +201,25 @@ def _variant(config: str) -> str:
 
 
 def paired_comparisons(scores: Scores) -> list[dict]:
+    """Every routed config against the oracle and the base model; every tla variant (decode, merge, weights)
+    against the same k with the defaults, which answers whether that option changes quality."""
+    pairs = [
+        (config, versus)
+        for config in tla_configs(scores) + [c for c in ("prompt", "uniform", "arrow") if c in scores.configs]
+        for versus in ("oracle", "base")
+        if versus in scores.configs
+    ]
+    pairs += [
+        (config, plain)
+        for config in tla_configs(scores)
+        if _variant(config) and (plain := config.split(",")[0]) in scores.configs
+    ]
     rows = []
-    for config in tla_configs(scores) + [c for c in ("prompt", "uniform", "arrow") if c in scores.configs]:
-        for versus in ("oracle", "base"):
-            if versus not in scores.configs:
-                continue
-            for task in [*scores.tasks, None]:
-                result = paired(scores, config, versus, task)
-                if result is not None:
-                    rows.append(result)
+    for config, versus in pairs:
+        for task in [*scores.tasks, None]:
+            result = paired(scores, config, versus, task)
+            if result is not None:
+                rows.append(result)
     return rows
 
 
