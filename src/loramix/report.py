@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -67,7 +67,6 @@ class Scores:
     frozen: dict[tuple[str, str], tuple[int, int]]
     configs: list[str]
     tasks: list[str]
-    _references: dict[str, list[str]] = field(default_factory=dict, repr=False)  # reference_ids, per task
 
     @classmethod
     def from_records(cls, records: list[dict]) -> Scores:
@@ -97,14 +96,11 @@ class Scores:
             for a, b in ((config, "oracle"), ("oracle", config)):
                 if (a, task) not in self.items and (b, task) in self.items:
                     self.items[(a, task)] = self.items[(b, task)]
-        self._references.clear()
 
     def reference_ids(self, task: str) -> list[str]:
         """The largest item set any config has scored on `task`: the main table compares configs on it."""
-        if task not in self._references:
-            cells = [set(self.items[(c, task)]) for c in self.configs if (c, task) in self.items]
-            self._references[task] = sorted(max(cells, key=len)) if cells else []
-        return self._references[task]
+        cells = [set(self.items[(c, task)]) for c in self.configs if (c, task) in self.items]
+        return sorted(max(cells, key=len)) if cells else []
 
     def cell_ids(self, config: str, task: str) -> tuple[list[str], bool]:
         """The items a table cell averages, and whether the config is still partial there (then its own items,
@@ -118,8 +114,9 @@ class Scores:
         chosen = ids if ids is not None else sorted(cell)
         return np.array([cell[i][metric] for i in chosen if i in cell and metric in cell[i]], dtype=float)
 
-    def common_ids(self, a: str, b: str, task: str) -> list[str]:
-        return sorted(set(self.items.get((a, task), {})) & set(self.items.get((b, task), {})))
+    def common_ids(self, task: str, *configs: str) -> list[str]:
+        """The items every one of `configs` has scored on `task`."""
+        return sorted(set.intersection(*(set(self.items.get((c, task), {})) for c in configs)))
 
     def has_all_tasks(self, config: str) -> bool:
         return all((config, task) in self.items for task in self.tasks)
@@ -171,7 +168,7 @@ def paired(scores: Scores, config: str, versus: str, task: str | None = None) ->
     tasks = [task] if task else scores.tasks
     diffs = []
     for t in tasks:
-        ids = scores.common_ids(config, versus, t)
+        ids = scores.common_ids(t, config, versus)
         if not ids:
             return None
         metric = PRIMARY_METRIC[t]
@@ -191,8 +188,13 @@ def tla_configs(scores: Scores) -> list[str]:
     return [c for c in scores.configs if c.startswith("tla:")]
 
 
+def _plain(config: str) -> str:
+    """A tla config without its options: 'tla:k=2,merge=paper' -> 'tla:k=2'."""
+    return config.split(",")[0]
+
+
 def _k_of(config: str) -> int:
-    return int(config.split(",")[0].split("=")[1])
+    return int(_plain(config).split("=")[1])
 
 
 def _variant(config: str) -> str:
@@ -210,9 +212,9 @@ def paired_comparisons(scores: Scores) -> list[dict]:
         if versus in scores.configs
     ]
     pairs += [
-        (config, plain)
+        (config, _plain(config))
         for config in tla_configs(scores)
-        if _variant(config) and (plain := config.split(",")[0]) in scores.configs
+        if _variant(config) and _plain(config) in scores.configs
     ]
     rows = []
     for config, versus in pairs:
@@ -287,7 +289,7 @@ def claims(scores: Scores) -> list[dict]:
 def shared_item_averages(scores: Scores, configs: list[str]) -> dict[str, float]:
     """Each config's average of the task means, every task on the items all `configs` have scored there
     (a config that is further along must not be compared on a different item set)."""
-    shared = {t: sorted(set.intersection(*(set(scores.items[(c, t)]) for c in configs))) for t in scores.tasks}
+    shared = {t: scores.common_ids(t, *configs) for t in scores.tasks}
     return {
         c: float(np.mean([scores.values(c, t, PRIMARY_METRIC[t], shared[t]).mean() for t in scores.tasks]))
         for c in configs
