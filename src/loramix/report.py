@@ -504,7 +504,8 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
             "## Frozen routing",
             "",
             "Share of re-routes whose text filled the embedder's 256-word-piece input "
-            "(new tokens could not change the weights).",
+            "(new tokens could not change the weights). `prompt` routes once, so its share is the share of "
+            "prompts that already fill it (routed on their first 256 pieces).",
             "",
         ]
         lines += [
