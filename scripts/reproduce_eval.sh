@@ -9,7 +9,8 @@ OUT=${OUT:-results/smollm2-135m}
 GSM8K_ITEMS=${GSM8K_ITEMS:-500}  # the issue asks for at least 500 of 1,319
 # Three passes so a stopped run leaves the most useful table: first, on every task, the configs the issue asks
 # for (paper = base, oracle, tla:k=1..4; uniform, prompt, three merges), central ones first; then recompute
-# decoding (re-reads the whole text at each re-route: ~6x the time, so it must not hold up the rest); then the extras (each expert on the other tasks, arrow).
+# decoding (re-reads the whole text at each re-route: ~6x the time, so it must not hold up the rest); then
+# the extras (each expert on the other tasks, arrow).
 REQUIRED="base,oracle,tla:k=2,uniform,prompt,tla:k=1,tla:k=3,tla:k=4,tla:k=2,merge=linear,tla:k=2,merge=paper"
 RECOMPUTE="tla:k=2,decode=recompute"
 EXTRAS="expert:gsm8k,expert:arc,expert:squad,expert:codealpaca,arrow"
