@@ -11,7 +11,16 @@ from loramix.bundle import Bundle
 from loramix.errors import LoramixError
 from loramix.evaluation import BundleFingerprint, EvalConfig, EvalPlan, item_key, parse_configs, run_evaluation
 from loramix.generation import MixtureModel
-from loramix.report import Scores, bootstrap_mean_ci, paired_comparisons, shared_item_averages, verdict, write_report
+from loramix.metrics import PRIMARY_METRIC
+from loramix.report import (
+    Scores,
+    bootstrap_mean_ci,
+    own_expert_gains,
+    paired_comparisons,
+    shared_item_averages,
+    verdict,
+    write_report,
+)
 
 TASKS = ("gsm8k", "arc", "codealpaca")  # the tiny bundle has no squad expert
 
@@ -140,6 +149,8 @@ def test_report_files_claims_and_plots(tiny_bundle, tiny_data, tmp_path):
     assert any(p["versus"] == "oracle" and p["task"] == "average" for p in results["paired"])
     markdown = (out / "results.md").read_text()
     assert "## Main table" in markdown and "## Specialist matrix" in markdown and "## The paper's claims" in markdown
+    assert [g["task"] for g in results["own_expert_vs_base"]] == ["gsm8k", "arc", "codealpaca"]
+    assert "own expert minus the base model, paired" in markdown
 
 
 def test_bootstrap_and_verdicts():
@@ -186,3 +197,15 @@ def test_each_tla_variant_is_compared_with_its_plain_k():
     assert differences[("tla:k=2,decode=recompute", "tla:k=2", "arc")] == pytest.approx(1 / 3)
     assert differences[("tla:k=2,merge=paper", "tla:k=2", "arc")] == pytest.approx(-2 / 3)
     assert not any(r["versus"] == "tla:k=2,merge=paper" for r in rows)
+
+
+def test_own_expert_gain_is_the_oracle_minus_base_on_each_task():
+    values = {("base", "arc"): (0, 1, 0, 0), ("oracle", "arc"): (1, 1, 1, 0), ("base", "gsm8k"): (1, 1, 0, 0)}
+    records = [
+        {"config": config, "task": task, "id": i, "scores": {PRIMARY_METRIC[task]: v}}
+        for (config, task), scored in values.items()
+        for i, v in zip("abcd", scored)
+    ]
+    gains = own_expert_gains(Scores.from_records(records))
+    assert [(g["task"], g["n"]) for g in gains] == [("arc", 4)], "gsm8k has no oracle items: no gain claimed there"
+    assert gains[0]["difference"] == pytest.approx(0.5)

@@ -225,6 +225,14 @@ def paired_comparisons(scores: Scores) -> list[dict]:
     return rows
 
 
+def own_expert_gains(scores: Scores) -> list[dict]:
+    """Each task's own expert (the oracle there) minus the base model, paired: is every expert better than
+    the base model on its own task, by the task metric?"""
+    if not {"oracle", "base"} <= set(scores.configs):
+        return []
+    return [result for task in scores.tasks if (result := paired(scores, "oracle", "base", task))]
+
+
 def claims(scores: Scores) -> list[dict]:
     tla = tla_configs(scores)
     headline = next((c for c in tla if c == f"tla:k={TLA_BEST_K}"), tla[0] if tla else None)
@@ -349,6 +357,7 @@ def write_report(out: Path, meta: dict | None = None) -> dict:
         },
         "table": summarise(scores),
         "paired": paired_comparisons(scores),
+        "own_expert_vs_base": own_expert_gains(scores),
         "claims": claims(scores),
         "routing": routing_means(scores),
         "seconds_per_config": {
@@ -454,6 +463,15 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        if results.get("own_expert_vs_base"):
+            lines += ["Each task's own expert minus the base model, paired over the same items (x100):", ""]
+            for gain in results["own_expert_vs_base"]:
+                low, high = gain["ci"]
+                lines.append(
+                    f"- {titles[gain['task']]}: {100 * gain['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] "
+                    f"(n={gain['n']}), {'better' if low > 0 else 'not clearly better'} than the base model"
+                )
+            lines.append("")
 
     if "answer_loss" in results:
         lines += _render_answer_loss(results["answer_loss"], meta.get("oracle_experts", {}))
