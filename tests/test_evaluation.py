@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -209,3 +210,14 @@ def test_own_expert_gain_is_the_oracle_minus_base_on_each_task():
     gains = own_expert_gains(Scores.from_records(records))
     assert [(g["task"], g["n"]) for g in gains] == [("arc", 4)], "gsm8k has no oracle items: no gain claimed there"
     assert gains[0]["difference"] == pytest.approx(0.5)
+
+
+def test_a_run_with_other_settings_is_refused_before_it_mixes_into_the_report(tiny_bundle, tiny_data, tmp_path):
+    out = tmp_path / "mixed"
+    smoke = dataclasses.replace(_plan(tiny_bundle, tiny_data, out, configs="base", limit=1), max_new_tokens=2)
+    run_evaluation(smoke, progress=False)
+    before = (out / "items.jsonl").read_text()
+    with pytest.raises(LoramixError, match="another --out"):
+        run_evaluation(_plan(tiny_bundle, tiny_data, out, configs="base", limit=1), progress=False)
+    assert (out / "items.jsonl").read_text() == before, "the stored items are left as they were"
+    run_evaluation(smoke, progress=False)  # the same settings still resume

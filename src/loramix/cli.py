@@ -230,21 +230,21 @@ def evaluate(
             PartialState().wait_for_everyone()
     if rank != 0:
         return
-    results = write_report(out, _report_meta(bundle, split, limit, max_new_tokens))
+    results = write_report(out, _report_meta(bundle, split))
     if not results:
         raise LoramixError(f"No scored items in {out} yet.")
     _print_results(results)
     console.print(f"[green]report written to {out / 'results.md'}[/]")
 
 
-def _report_meta(bundle: Path | None, split: str, limit: int | None, max_new_tokens: int | None) -> dict:
+def _report_meta(bundle: Path | None, split: str) -> dict:
     from loramix.bundle import Bundle, resolve_bundle
     from loramix.evaluation import oracle_experts
 
     used = Bundle.load(resolve_bundle(bundle))
     return {
         "bundle": str(used.root), "base_model": used.base_model, "experts": used.expert_names, "split": split,
-        "limit": limit, "max_new_tokens": max_new_tokens, "command": "loramix " + " ".join(sys.argv[1:]),
+        "command": "loramix " + " ".join(sys.argv[1:]),
         "oracle_experts": oracle_experts(used),
     }  # fmt: skip
 
@@ -271,7 +271,7 @@ def specialist(
     store = run_specialist(plan)
     if store.dropped:
         err_console.print(f"[yellow]{store.dropped} unreadable line(s) were dropped and redone.[/]")
-    results = write_report(out, _report_meta(bundle, split, limit, None))
+    results = write_report(out, _report_meta(bundle, split))
     matrix = results["answer_loss"]
     table = Table(title="gold-answer loss, nats/token (lower is better)")
     table.add_column("model")

@@ -254,6 +254,10 @@ class ItemStore:
     def has(self, key: str, item_id: str) -> bool:
         return (key, item_id) in self.records
 
+    def keys_of(self, config: str, task: str) -> set[str]:
+        """The item keys stored for one config on one task (one, unless runs with different settings met)."""
+        return {r["key"] for r in self.records.values() if r.get("config") == config and r.get("task") == task}
+
     def append(self, records: Iterable[dict]) -> None:
         records = list(records)
         with self.path.open("a", encoding="utf-8") as handle:
@@ -409,12 +413,23 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
             if config.kind == "oracle":
                 oracle_expert(bundle, task)  # fail early with a clear message
             key = item_key(config, task, bundle, fingerprint, plan.split, plan.max_new_tokens)
+            _refuse_mixed_settings(store, config.name, task, key)
             mine = examples[task][rank::world]
             work += [(task, key, e) for e in mine if not store.has(key, e.id)]
         if not work:
             continue
         _run_config(config, work, engines, store, plan.batch_size, progress, on_batch)
     return store
+
+
+def _refuse_mixed_settings(store: ItemStore, config: str, task: str, key: str) -> None:
+    """The report shows one result per config, task and item: results of other settings would mix into it."""
+    if store.keys_of(config, task) - {key}:
+        raise LoramixError(
+            f"{store.folder} already holds '{config}' results on {task} from a run with other settings (another "
+            "bundle, split, --max-new-tokens or scoring version), and one report cannot mix them. Write this run "
+            f"to another --out, or move the items*.jsonl files in {store.folder} away to start over."
+        )
 
 
 def _run_config(config, work, engines, store, batch_size, progress, on_batch) -> None:

@@ -392,9 +392,10 @@ DEVIATIONS = (
 def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
     meta, table = results["meta"], results["table"]
     lines = ["# Evaluation results", ""]
-    for key in ("bundle", "base_model", "split", "limit", "command", "git_revision", "machine", "written"):
-        if meta.get(key) is not None:
-            lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
+    # The report covers every item in the folder, whatever run scored it: `command` is only the last one.
+    labels = {"bundle": "bundle", "base_model": "base model", "split": "split", "command": "report written by",
+              "git_revision": "git revision", "machine": "machine", "written": "written"}  # fmt: skip
+    lines += [f"- {label}: `{meta[key]}`" for key, label in labels.items() if meta.get(key) is not None]
     if meta.get("base_model") == "smollm2-135m":
         lines += ["", DEVIATIONS]
     if not scores.configs:  # only `loramix specialist` has run
