@@ -214,10 +214,10 @@ def test_own_expert_gain_is_the_oracle_minus_base_on_each_task():
 
 def test_a_run_with_other_settings_is_refused_before_it_mixes_into_the_report(tiny_bundle, tiny_data, tmp_path):
     out = tmp_path / "mixed"
-    smoke = dataclasses.replace(_plan(tiny_bundle, tiny_data, out, configs="base", limit=1), max_new_tokens=2)
+    smoke = dataclasses.replace(_plan(tiny_bundle, tiny_data, out, configs="tla:k=1", limit=1), max_new_tokens=2)
     run_evaluation(smoke, progress=False)
     before = (out / "items.jsonl").read_text()
-    with pytest.raises(LoramixError, match="another --out"):
-        run_evaluation(_plan(tiny_bundle, tiny_data, out, configs="base", limit=1), progress=False)
-    assert (out / "items.jsonl").read_text() == before, "the stored items are left as they were"
+    with pytest.raises(LoramixError, match="another --out"):  # base is new here; tla:k=1's settings differ
+        run_evaluation(_plan(tiny_bundle, tiny_data, out, configs="base,tla:k=1", limit=1), progress=False)
+    assert (out / "items.jsonl").read_text() == before, "refused before anything ran: base was not scored either"
     run_evaluation(smoke, progress=False)  # the same settings still resume

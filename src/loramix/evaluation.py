@@ -407,6 +407,7 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
     root = data_dir(plan.data)
     examples = {task: TASKS[task].load(root, plan.split)[: plan.limit] for task in plan.tasks}
     engines = _Engines(bundle, plan.max_new_tokens, routing_dtype)
+    plan_of_work = []  # every check runs before any generation, so a refusal wastes no time
     for config in configs:
         work = []
         for task in plan.tasks:
@@ -416,9 +417,10 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
             _refuse_mixed_settings(store, config.name, task, key)
             mine = examples[task][rank::world]
             work += [(task, key, e) for e in mine if not store.has(key, e.id)]
-        if not work:
-            continue
-        _run_config(config, work, engines, store, plan.batch_size, progress, on_batch)
+        plan_of_work.append((config, work))
+    for config, work in plan_of_work:
+        if work:
+            _run_config(config, work, engines, store, plan.batch_size, progress, on_batch)
     return store
 
 
