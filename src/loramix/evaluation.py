@@ -415,10 +415,11 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
                 oracle_expert(bundle, task)  # fail early with a clear message
             key = item_key(config, task, bundle, fingerprint, plan.split, plan.max_new_tokens)
             _refuse_mixed_settings(store, config.name, task, key)
-            mine = examples[task][rank::world]
-            work += [(task, key, e) for e in mine if not store.has(key, e.id)]
+            work += [(task, key, e) for e in examples[task][rank::world]]
         plan_of_work.append((config, work))
     for config, work in plan_of_work:
+        # filtered only now: configs can share a key (expert:E on E's task is the oracle), scored once
+        work = [(task, key, e) for task, key, e in work if not store.has(key, e.id)]
         if work:
             _run_config(config, work, engines, store, plan.batch_size, progress, on_batch)
     return store
