@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,9 +255,12 @@ class ItemStore:
     def has(self, key: str, item_id: str) -> bool:
         return (key, item_id) in self.records
 
-    def keys_of(self, config: str, task: str) -> set[str]:
-        """The item keys stored for one config on one task (one, unless runs with different settings met)."""
-        return {r["key"] for r in self.records.values() if r.get("config") == config and r.get("task") == task}
+    def keys_by_cell(self) -> dict[tuple[str, str], set[str]]:
+        """The item keys stored per (config, task): one each, unless runs with different settings met."""
+        cells: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for record in self.records.values():
+            cells[(record["config"], record["task"])].add(record["key"])
+        return cells
 
     def append(self, records: Iterable[dict]) -> None:
         records = list(records)
@@ -407,6 +411,7 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
     root = data_dir(plan.data)
     examples = {task: TASKS[task].load(root, plan.split)[: plan.limit] for task in plan.tasks}
     engines = _Engines(bundle, plan.max_new_tokens, routing_dtype)
+    stored_keys = store.keys_by_cell()
     plan_of_work = []  # every check runs before any generation, so a refusal wastes no time
     for config in configs:
         work = []
@@ -414,7 +419,7 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
             if config.kind == "oracle":
                 oracle_expert(bundle, task)  # fail early with a clear message
             key = item_key(config, task, bundle, fingerprint, plan.split, plan.max_new_tokens)
-            _refuse_mixed_settings(store, config.name, task, key)
+            _refuse_mixed_settings(store.folder, stored_keys[(config.name, task)], config.name, task, key)
             work += [(task, key, e) for e in examples[task][rank::world]]
         plan_of_work.append((config, work))
     for config, work in plan_of_work:
@@ -425,13 +430,13 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
     return store
 
 
-def _refuse_mixed_settings(store: ItemStore, config: str, task: str, key: str) -> None:
+def _refuse_mixed_settings(folder: Path, stored: set[str], config: str, task: str, key: str) -> None:
     """The report shows one result per config, task and item: results of other settings would mix into it."""
-    if store.keys_of(config, task) - {key}:
+    if stored - {key}:
         raise LoramixError(
-            f"{store.folder} already holds '{config}' results on {task} from a run with other settings (another "
+            f"{folder} already holds '{config}' results on {task} from a run with other settings (another "
             "bundle, split, --max-new-tokens or scoring version), and one report cannot mix them. Write this run "
-            f"to another --out, or move the items*.jsonl files in {store.folder} away to start over."
+            f"to another --out, or move the items*.jsonl files in {folder} away to start over."
         )
 
 
