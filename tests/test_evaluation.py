@@ -16,6 +16,7 @@ from loramix.metrics import PRIMARY_METRIC
 from loramix.report import (
     Scores,
     bootstrap_mean_ci,
+    highest_as_shown,
     own_expert_gains,
     paired_comparisons,
     shared_item_averages,
@@ -184,6 +185,14 @@ def test_claim_averages_compare_configs_on_the_items_they_share():
     records += [{"config": "tla:k=1", "task": "arc", "id": i, "scores": {"accuracy": 1.0}} for i in "ab"]
     averages = shared_item_averages(Scores.from_records(records), ["tla:k=2", "tla:k=1"])
     assert averages == {"tla:k=2": 1.0, "tla:k=1": 1.0}
+
+
+def test_the_highest_average_names_every_config_that_prints_the_same():
+    # Four k that all print 23.7 must not read as a win for whichever is ahead in the fourth decimal.
+    assert highest_as_shown({"tla:k=2": 0.23702, "tla:k=1": 0.23704, "tla:k=3": 0.2369}) == (
+        "tla:k=2, tla:k=1, tla:k=3 (equal to one decimal)"
+    )
+    assert highest_as_shown({"tla:k=2": 0.25, "tla:k=1": 0.237}) == "tla:k=2"
 
 
 def test_each_tla_variant_is_compared_with_its_plain_k():

@@ -302,6 +302,13 @@ def shared_item_averages(scores: Scores, configs: list[str]) -> dict[str, float]
     }
 
 
+def highest_as_shown(averages: dict[str, float]) -> str:
+    """The config with the highest average, or all those tied with it as the report prints them (x100, 0.1)."""
+    shown = {config: round(100 * value, 1) for config, value in averages.items()}
+    tied = [config for config, value in shown.items() if value == max(shown.values())]
+    return tied[0] if len(tied) == 1 else ", ".join(tied) + " (equal to one decimal)"
+
+
 def routing_means(scores: Scores) -> dict:
     """Mean routing weight per expert, per config and task (which expert each task's prompts lean to)."""
     out: dict = defaultdict(dict)
@@ -506,7 +513,7 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
             lines.append(
                 "   - averages: "
                 + ", ".join(f"{c} {100 * v:.1f}" for c, v in claim["averages"].items())
-                + f"; highest: {claim['best_point_estimate']}"
+                + f"; highest: {highest_as_shown(claim['averages'])}"
             )
     lines.append("")
 
