@@ -83,3 +83,13 @@ def test_empty_prompt_and_missing_bundle(tiny_bundle, tmp_path):
 def test_router_build_rejects_malformed_expert_options(tmp_path):
     done = run_cli("router", "build", str(tmp_path / "b"), "--expert", "no-equals-sign")
     assert done.returncode == 2 and "NAME=DIR" in done.stderr
+
+
+def test_a_report_names_a_bundle_inside_the_working_directory_by_a_relative_path(tmp_path, monkeypatch):
+    from loramix.cli import shown_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bundles" / "mine").mkdir(parents=True)
+    assert shown_path(tmp_path / "bundles" / "mine") == os.path.join("bundles", "mine")
+    elsewhere = tmp_path.parent / "elsewhere"
+    assert shown_path(elsewhere) == str(elsewhere)

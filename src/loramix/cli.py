@@ -237,13 +237,21 @@ def evaluate(
     console.print(f"[green]report written to {out / 'results.md'}[/]")
 
 
+def shown_path(path: Path) -> str:
+    """The path relative to the working directory when it lies inside it, so a committed report names no machine."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _report_meta(bundle: Path | None, split: str) -> dict:
     from loramix.bundle import Bundle, resolve_bundle
     from loramix.evaluation import oracle_experts
 
     used = Bundle.load(resolve_bundle(bundle))
     return {
-        "bundle": str(used.root), "base_model": used.base_model, "experts": used.expert_names, "split": split,
+        "bundle": shown_path(used.root), "base_model": used.base_model, "experts": used.expert_names, "split": split,
         "command": "loramix " + " ".join(sys.argv[1:]),
         "oracle_experts": oracle_experts(used),
     }  # fmt: skip
