@@ -86,7 +86,7 @@ def test_router_build_rejects_malformed_expert_options(tmp_path):
 
 
 def test_a_report_names_a_bundle_inside_the_working_directory_by_a_relative_path(tmp_path, monkeypatch):
-    from loramix.cli import shown_path
+    from loramix.paths import shown_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bundles" / "mine").mkdir(parents=True)

@@ -30,7 +30,7 @@ import torch
 from loramix.bundle import Bundle, resolve_bundle
 from loramix.errors import LoramixError
 from loramix.models import load_base_model
-from loramix.paths import data_dir
+from loramix.paths import data_dir, shown_path
 from loramix.tasks import TASKS
 
 QUICK = {"tokens": (32,), "batches": (1, 4), "repeats": 1}
@@ -155,7 +155,7 @@ class BenchContext:
         peft = peft_with_experts(peft_base, mixture.expert_names, paths)
         root = data_dir(data)
         task_prompts = {task: [e.prompt for e in spec.load(root, "test")[:16]] for task, spec in TASKS.items()}
-        description = {"bundle": str(bundle.root), "base_model": bundle.base_model}
+        description = {"bundle": shown_path(bundle.root), "base_model": bundle.base_model}
         return cls(mixture, base, peft, paths, task_prompts, description, bundle)
 
     @property

@@ -237,17 +237,10 @@ def evaluate(
     console.print(f"[green]report written to {out / 'results.md'}[/]")
 
 
-def shown_path(path: Path) -> str:
-    """The path relative to the working directory when it lies inside it, so a committed report names no machine."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _report_meta(bundle: Path | None, split: str) -> dict:
     from loramix.bundle import Bundle, resolve_bundle
     from loramix.evaluation import oracle_experts
+    from loramix.paths import shown_path
 
     used = Bundle.load(resolve_bundle(bundle))
     return {

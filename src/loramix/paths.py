@@ -17,6 +17,14 @@ def loramix_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "loramix"
 
 
+def shown_path(path: Path) -> str:
+    """The path relative to the working directory when it lies inside it, so a committed report names no machine."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _default_data_candidates() -> list[Path]:
     return [Path.cwd() / ".." / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
 

@@ -304,8 +304,8 @@ def shared_item_averages(scores: Scores, configs: list[str]) -> dict[str, float]
 
 def highest_as_shown(averages: dict[str, float]) -> str:
     """The config with the highest average, or all those tied with it as the report prints them (x100, 0.1)."""
-    shown = {config: round(100 * value, 1) for config, value in averages.items()}
-    tied = [config for config, value in shown.items() if value == max(shown.values())]
+    top = f"{100 * max(averages.values()):.1f}"
+    tied = [config for config, value in averages.items() if f"{100 * value:.1f}" == top]
     return tied[0] if len(tied) == 1 else ", ".join(tied) + " (equal to one decimal)"
 
 
