@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loramix.errors import LoramixError
-from loramix.router import CentroidRouter, paper_weights, parse_route, softmax_weights, top1_weights
+from loramix.router import CentroidRouter, RouteMemory, paper_weights, parse_route, softmax_weights, top1_weights
 
 NAMES = ["gsm8k", "arc", "squad", "codealpaca"]
 
@@ -81,26 +81,28 @@ def test_router_prefers_the_matching_centroid(embedder):
 def test_embedding_is_reused_once_the_truncated_input_stops_changing(embedder):
     router = CentroidRouter(embedder, torch.randn(2, embedder.dim))
     long_text = "The cell membrane controls what enters the cell. " * 80  # far past 256 word pieces
-    first = router.similarities([long_text], keys=[0])
-    second = router.similarities([long_text + " More text."], keys=[0])
+    memory, other = RouteMemory(), RouteMemory()
+    first = router.similarities([long_text], [memory])
+    second = router.similarities([long_text + " More text."], [memory])
     assert first.reused == [False] and second.reused == [True]
     assert first.at_limit == second.at_limit == [True]
     assert torch.equal(first.similarities, second.similarities)
     assert router.stats.embedded == 1 and router.stats.reused == 1
     # a short text that grows does change the embedding, and is re-embedded
-    short = router.similarities(["Short text."], keys=[1])
-    grown = router.similarities(["Short text. Longer now."], keys=[1])
+    short = router.similarities(["Short text."], [other])
+    grown = router.similarities(["Short text. Longer now."], [other])
     assert grown.reused == [False] and short.at_limit == grown.at_limit == [False]
     # a short text that only gains white space keeps its word pieces: reused, yet not frozen
-    spaced = router.similarities(["Short text. Longer now.\n\n"], keys=[1])
+    spaced = router.similarities(["Short text. Longer now.\n\n"], [other])
     assert spaced.reused == [True] and spaced.at_limit == [False]
 
 
 def test_reused_embedding_equals_a_fresh_one(embedder):
     long_text = "Rivers carry sediment to the sea. " * 90
     router = CentroidRouter(embedder, torch.randn(3, embedder.dim))
-    router.similarities([long_text], keys=["a"])
-    cached = router.similarities([long_text + " Extra."], keys=["a"]).similarities
+    memory = RouteMemory()
+    router.similarities([long_text], [memory])
+    cached = router.similarities([long_text + " Extra."], [memory]).similarities
     fresh = CentroidRouter(embedder, router.centroids).similarities([long_text + " Extra."]).similarities
     assert torch.allclose(cached, fresh, atol=1e-6)
 
@@ -138,14 +140,17 @@ def test_a_text_past_the_limit_for_good_is_not_even_decoded_again(embedder):
     asked = []
     texts = {"long": "Glaciers carve valleys over thousands of years. " * 70, "short": "A short prompt."}
 
-    def text_for(key):
-        asked.append(key)
-        return texts[key]
+    keys = ["long", "short"]
+    memories = [RouteMemory(), RouteMemory()]
 
-    first = router.route(["long", "short"], text_for)
+    def text_for(i):
+        asked.append(keys[i])
+        return texts[keys[i]]
+
+    first = router.route(memories, text_for)
     texts["long"] += " and more words"
     texts["short"] += " Now longer."
-    second = router.route(["long", "short"], text_for)
+    second = router.route(memories, text_for)
     assert asked == ["long", "short", "short"]
     assert torch.equal(first.similarities[0], second.similarities[0])
     assert second.reused == [True, False] and second.at_limit == [True, False]

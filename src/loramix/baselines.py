@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from loramix.bundle import Bundle
-from loramix.generation import GenerationResult, _cut_at_stop
+from loramix.generation import GenerationResult, cut_at_stop
 from loramix.models import load_base_model
 
 
@@ -65,7 +65,7 @@ class ArrowBaseline:
         results = []
         for row, prompt in enumerate(prompts):
             ids = [t for t in new_tokens[row].tolist() if t != tokenizer.pad_token_id]
-            text = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+            text = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
             results.append(
                 GenerationResult(
                     prompt=prompt,

@@ -316,7 +316,7 @@ def run_ours(
     stream = ctx.mixture.stream(
         prompts, route=route, every_k=every_k, decode=decode, max_new_tokens=n, min_new_tokens=n
     )
-    times = [time.perf_counter() for event in stream if event.sequence == stream.sequences[0].index]
+    times = [time.perf_counter() for event in stream if event.sequence == 0]
     seconds = time.perf_counter() - begin
     results = stream.results()
     timing = results[0].timing

@@ -41,7 +41,8 @@ class MixtureState:
     def n_experts(self) -> int:
         return len(self.ranks)
 
-    def set_mode(self, mode: str) -> None:
+    def check_mode(self, mode: str) -> None:
+        """Refuse a merge mode these experts cannot be mixed in."""
         if mode not in MERGE_MODES:
             raise LoramixError(f"Unknown merge mode '{mode}'; choose one of {', '.join(MERGE_MODES)}.")
         if mode != "exact" and len(set(self.ranks)) > 1:
@@ -49,6 +50,9 @@ class MixtureState:
                 f"Merge mode '{mode}' needs experts of equal rank, but the ranks are {self.ranks}. "
                 "Use --merge exact (it mixes any ranks exactly) or retrain the experts with one rank."
             )
+
+    def set_mode(self, mode: str) -> None:
+        self.check_mode(mode)
         self.mode = mode
         self.version += 1
         if self.enabled:  # the coefficients depend on the mode: recompute them from the last weights

@@ -8,8 +8,8 @@ change its embedding, so a routing step whose truncated input is unchanged reuse
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -162,6 +162,7 @@ class RoutePolicy:
     kind: str
     rule: Callable[[torch.Tensor], torch.Tensor] | None = None
     fixed: tuple[float, ...] | None = None
+    n_experts: int = 0
 
     @property
     def needs_router(self) -> bool:
@@ -190,7 +191,11 @@ def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 def parse_route(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     """Parse a --route value against the bundle's expert names (see ROUTE_HELP)."""
-    spec = spec.strip()
+    policy = _parse_policy(spec.strip(), expert_names)
+    return replace(policy, n_experts=len(expert_names))
+
+
+def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     n = len(expert_names)
     rule = _parse_rule(spec)
     if rule is not None:
@@ -238,13 +243,26 @@ class RoutingOutcome:
     """Cosine similarities [n_texts, n_experts] and, per text, how its embedding came about."""
 
     similarities: torch.Tensor
-    reused: list[bool]  # the embedder's truncated input was unchanged since this key's last step
+    reused: list[bool]  # the embedder's truncated input was unchanged since this sequence's last step
     at_limit: list[bool]  # the text filled the embedder's input limit: later tokens cannot change it
 
 
 @dataclass
+class RouteMemory:
+    """What the router remembers of one sequence between its routing steps; owned by that sequence."""
+
+    ids: tuple[int, ...] | None = None  # the embedder's truncated input at the last step
+    vector: torch.Tensor | None = None  # and its embedding
+    frozen: torch.Tensor | None = None  # similarities fixed for good: the text is past the limit to stay
+
+
+@dataclass
 class CentroidRouter:
-    """Embeds texts and compares them with the task centroids, reusing embeddings whose input is unchanged."""
+    """Embeds texts and compares them with the task centroids, reusing embeddings whose input is unchanged.
+
+    The router itself holds no per-sequence state: each sequence brings its own RouteMemory, so sequences of
+    different requests can be routed together, in any order, on one shared router.
+    """
 
     embedder: Embedder
     centroids: torch.Tensor  # [n_experts, dim]
@@ -257,39 +275,32 @@ class CentroidRouter:
                 f"'{self.embedder.name}' gives {self.embedder.dim}; rebuild the router with this embedder."
             )
         self._unit_centroids = torch.nn.functional.normalize(self.centroids.float(), dim=-1)
-        self._last: dict[Hashable, tuple[tuple[int, ...], torch.Tensor]] = {}
-        self._frozen: dict[Hashable, torch.Tensor] = {}  # key -> its similarities, fixed for good
 
-    def reset(self) -> None:
-        """Forget cached embeddings (call between generations)."""
-        self._last.clear()
-        self._frozen.clear()
-
-    def route(self, keys: Sequence[Hashable], text_for: Callable[[Hashable], str]) -> RoutingOutcome:
-        """Similarities for the sequences named by `keys`; `text_for(key)` gives a sequence's current text.
+    def route(self, memories: Sequence[RouteMemory], text_for: Callable[[int], str]) -> RoutingOutcome:
+        """Similarities for several sequences; `text_for(i)` gives the current text of the i-th.
 
         A sequence whose text is past the embedder's input limit for good (the part before its last white space
         already fills the input, so nothing appended can change what the embedder sees) is neither decoded,
         tokenized nor embedded again: its last embedding is reused.
         """
         start = time.perf_counter()
-        live = [key for key in keys if key not in self._frozen]
-        outcome = self.similarities([text_for(key) for key in live], keys=live) if live else None
+        live = [i for i, memory in enumerate(memories) if memory.frozen is None]
+        outcome = self.similarities([text_for(i) for i in live], [memories[i] for i in live]) if live else None
         rows, reused, at_limit = [], [], []
-        position = {key: i for i, key in enumerate(live)}
-        for key in keys:
-            if key in position:
-                i = position[key]
-                rows.append(outcome.similarities[i])
-                reused.append(outcome.reused[i])
-                at_limit.append(outcome.at_limit[i])
+        position = {i: j for j, i in enumerate(live)}
+        for i, memory in enumerate(memories):
+            if i in position:
+                j = position[i]
+                rows.append(outcome.similarities[j])
+                reused.append(outcome.reused[j])
+                at_limit.append(outcome.at_limit[j])
             else:
-                rows.append(self._frozen[key])
+                rows.append(memory.frozen)
                 reused.append(True)
                 at_limit.append(True)
-        if len(live) < len(keys):
-            self.stats.reused += len(keys) - len(live)
-            self.stats.at_limit += len(keys) - len(live)
+        if len(live) < len(memories):
+            self.stats.reused += len(memories) - len(live)
+            self.stats.at_limit += len(memories) - len(live)
             self.stats.seconds += time.perf_counter() - start
         return RoutingOutcome(torch.stack(rows), reused, at_limit)
 
@@ -302,17 +313,16 @@ class CentroidRouter:
         room = self.embedder.max_length - tokenizer.num_special_tokens_to_add()
         return len(tokenizer(text[:cut], add_special_tokens=False).input_ids) >= room
 
-    def similarities(self, texts: Sequence[str], keys: Sequence[Hashable] | None = None) -> RoutingOutcome:
-        """Cosine similarities to the centroids; `keys` name the sequences whose embeddings may be reused."""
+    def similarities(self, texts: Sequence[str], memories: Sequence[RouteMemory] | None = None) -> RoutingOutcome:
+        """Cosine similarities to the centroids; each text's memory (if given) lets its embedding be reused."""
         start = time.perf_counter()
         features, ids = self.embedder.truncated_ids(texts)
-        keys = list(keys) if keys is not None else [None] * len(texts)
+        memories = list(memories) if memories is not None else [None] * len(texts)
         vectors: list[torch.Tensor | None] = [None] * len(texts)
         reused = [False] * len(texts)
-        for i, key in enumerate(keys):
-            cached = self._last.get(key) if key is not None else None
-            if cached is not None and cached[0] == ids[i]:
-                vectors[i], reused[i] = cached[1], True
+        for i, memory in enumerate(memories):
+            if memory is not None and memory.ids == ids[i]:
+                vectors[i], reused[i] = memory.vector, True
         todo = [i for i, v in enumerate(vectors) if v is None]
         if todo:
             width = max(len(ids[i]) for i in todo)
@@ -321,15 +331,15 @@ class CentroidRouter:
             }
             for i, vector in zip(todo, self.embedder.embed_features(subset)):
                 vectors[i] = vector
-                if keys[i] is not None:
-                    self._last[keys[i]] = (ids[i], vector)
+                if memories[i] is not None:
+                    memories[i].ids, memories[i].vector = ids[i], vector
         at_limit = [len(kept) >= self.embedder.max_length for kept in ids]
         self.stats.embedded += len(todo)
         self.stats.reused += len(texts) - len(todo)
         self.stats.at_limit += sum(at_limit)
         sims = torch.stack(vectors) @ self._unit_centroids.T
-        for i, (key, text, limited) in enumerate(zip(keys, texts, at_limit)):
-            if limited and key is not None and key not in self._frozen and self._frozen_for_good(text):
-                self._frozen[key] = sims[i]
+        for i, (memory, text, limited) in enumerate(zip(memories, texts, at_limit)):
+            if limited and memory is not None and memory.frozen is None and self._frozen_for_good(text):
+                memory.frozen = sims[i]
         self.stats.seconds += time.perf_counter() - start
         return RoutingOutcome(sims, reused, at_limit)

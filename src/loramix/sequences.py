@@ -1,0 +1,257 @@
+"""One generated sequence: its options, its routing memory, its tokens, and how it picks and ends them.
+
+Everything that belongs to one request lives here, so any number of sequences can share one model and
+one decoding batch (`loramix.engine`) without disturbing each other: each has its own sampling generator,
+re-route schedule, routing memory (the router's reusable embedding) and weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from loramix.errors import LoramixError
+from loramix.mixture import MERGE_MODES
+from loramix.router import RouteMemory, RoutePolicy
+
+DECODE_MODES = ("cached", "recompute")
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    every_k: int = 2
+    route: str = "paper"
+    decode: str = "cached"
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    merge: str | None = None  # None: the model's merge mode
+    logprobs: int | None = None  # None: none; 0: the chosen token's; N: and the N likeliest alternatives
+    # token ids whose log-probability as the FIRST generated token is reported (e.g. option letters)
+    first_token_candidates: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        """Refuse settings that cannot run, naming the option and the fix (before anything is generated)."""
+
+        def whole(value, name: str) -> None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise LoramixError(f"{name} must be a whole number, got {value!r}.")
+
+        for value, name in ((self.every_k, "--every-k"), (self.max_new_tokens, "--max-new-tokens")):
+            whole(value, name)
+        whole(self.min_new_tokens, "--min-new-tokens")
+        if self.every_k <= 0:
+            raise LoramixError(f"--every-k must be a positive number of tokens, got {self.every_k}.")
+        if self.decode not in DECODE_MODES:
+            raise LoramixError(f"Unknown decode mode '{self.decode}'; choose one of {', '.join(DECODE_MODES)}.")
+        if self.merge is not None and self.merge not in MERGE_MODES:
+            raise LoramixError(f"Unknown merge mode '{self.merge}'; choose one of {', '.join(MERGE_MODES)}.")
+        if self.max_new_tokens <= 0:
+            raise LoramixError(f"--max-new-tokens must be positive, got {self.max_new_tokens}.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise LoramixError("--min-new-tokens must be between 0 and --max-new-tokens.")
+        if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise LoramixError(f"--temperature must be 0 (greedy) or a positive number, got {self.temperature!r}.")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise LoramixError(f"--top-p must be in (0, 1], got {self.top_p!r}.")
+        if self.seed is not None:
+            whole(self.seed, "--seed")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise LoramixError("Stop strings must be non-empty text.")
+        if self.logprobs is not None:
+            whole(self.logprobs, "logprobs")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise LoramixError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}.")
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    weights: torch.Tensor  # [n_tokens, n_experts]: the weights that produced each generated token
+    reroutes: list[int]  # indices of generated tokens at which the router ran
+    frozen_reroutes: int  # re-routes whose text filled the embedder's input limit (256 word pieces for MiniLM)
+    reused_embeddings: int  # re-routes whose embedder input was unchanged, so the last embedding was reused
+    finish_reason: str  # "eos", "stop" or "length"
+    timing: dict[str, float]  # of the batch this sequence ran in
+    first_token_logprobs: list[float] | None = None  # for options.first_token_candidates, in their order
+    logprobs: list[float] | None = None  # of each generated token (options.logprobs set)
+
+    def to_json(self, expert_names: Sequence[str]) -> dict:
+        return {
+            "experts": list(expert_names),
+            "prompt_token_ids": self.prompt_token_ids,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "tokens": self.tokens,
+            "weights": [[round(w, 6) for w in row] for row in self.weights.tolist()],
+            "reroutes": self.reroutes,
+            "frozen_reroutes": self.frozen_reroutes,
+            "reused_embeddings": self.reused_embeddings,
+            "finish_reason": self.finish_reason,
+            "timing": {k: round(v, 6) for k, v in self.timing.items()},
+        }
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as streamed."""
+
+    sequence: int  # the sequence's index (its position in the call, or its request number)
+    index: int  # position among that sequence's generated tokens
+    token_id: int
+    text: str  # the text this token adds (may be "" until a multi-byte character completes)
+    weights: list[float]
+    rerouted: bool
+    finished: bool
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), likeliest first
+
+
+class IncrementalDetokenizer:
+    """Decodes one token at a time in O(1) per token, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            piece = after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.text += piece
+            return piece
+        return ""
+
+
+@dataclass(eq=False)  # compared by identity: a sequence is one request, whatever its contents
+class SequenceState:
+    """One sequence being generated; owned by its caller, stepped by an engine."""
+
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+    options: GenerationOptions
+    policy: RoutePolicy
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    memory: RouteMemory = field(default_factory=RouteMemory)
+    weights: torch.Tensor | None = None  # [n_experts] now in force, None = experts off
+    token_ids: list[int] = field(default_factory=list)
+    weight_rows: list[torch.Tensor] = field(default_factory=list)
+    reroutes: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    frozen: int = 0
+    reused: int = 0
+    finish_reason: str | None = None
+    first_token_logprobs: list[float] | None = None
+    cancelled: bool = False
+
+    def __post_init__(self):
+        if self.options.temperature > 0 and self.generator is None:
+            seed = self.options.seed if self.options.seed is not None else 0
+            self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def step(self) -> int:
+        """Index of the next token to generate."""
+        return len(self.token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def reroutes_at(self, step: int) -> bool:
+        """Whether the router runs before generated token `step` (fixed policies never run it)."""
+        if not self.policy.needs_router:
+            return False
+        if step == 0:
+            return True
+        return self.policy.kind == "dynamic" and step % self.options.every_k == 0
+
+    def select(self, logits: torch.Tensor, eos_ids: Sequence[int]) -> int:
+        """Choose the next token from this sequence's logits [vocab] (greedy, or its own sampler)."""
+        options = self.options
+        if self.step < options.min_new_tokens and eos_ids:
+            logits = logits.clone()
+            logits[list(eos_ids)] = float("-inf")
+        if options.temperature == 0:
+            return int(logits.argmax())
+        probs = (logits / options.temperature).softmax(dim=-1)
+        if options.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs > options.top_p] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def append(self, token_id: int, eos_ids: Sequence[int], rerouted: bool) -> TokenEvent:
+        """Record the chosen token, decide whether the sequence ends, and describe it as an event."""
+        step = self.step
+        row = self.weights if self.weights is not None else torch.zeros(self.policy.n_experts)
+        self.token_ids.append(token_id)
+        self.weight_rows.append(row)
+        if rerouted:
+            self.reroutes.append(step)
+        piece = self.detokenizer.add(token_id)
+        self.finish_reason = self._finish_reason(token_id, piece, eos_ids)
+        return TokenEvent(
+            self.index, step, token_id, piece, row.tolist(), rerouted, self.finish_reason is not None,
+            self.finish_reason,
+        )  # fmt: skip
+
+    def _finish_reason(self, token_id: int, piece: str, eos_ids: Sequence[int]) -> str | None:
+        if token_id in eos_ids:
+            return "eos"
+        stops = self.options.stop
+        if stops and piece:
+            tail = self.detokenizer.text[-(len(piece) + max(len(s) for s in stops)) :]
+            if any(stop in tail for stop in stops):
+                return "stop"
+        if self.step >= self.options.max_new_tokens:
+            return "length"
+        return None
+
+    def result(self, tokenizer, timing: dict[str, float]) -> GenerationResult:
+        text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if self.finish_reason == "stop":
+            text = cut_at_stop(text, self.options.stop)
+        n_experts = self.policy.n_experts
+        return GenerationResult(
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_ids,
+            text=text,
+            token_ids=self.token_ids,
+            tokens=tokenizer.convert_ids_to_tokens(self.token_ids),
+            weights=torch.stack(self.weight_rows) if self.weight_rows else torch.zeros(0, n_experts),
+            reroutes=self.reroutes,
+            frozen_reroutes=self.frozen,
+            reused_embeddings=self.reused,
+            finish_reason=self.finish_reason or "length",
+            timing=timing,
+            first_token_logprobs=self.first_token_logprobs,
+            logprobs=self.token_logprobs if self.options.logprobs is not None else None,
+        )
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the first stop string it contains."""
+    found = [text.find(stop) for stop in stops if stop in text]
+    return text[: min(found)] if found else text
