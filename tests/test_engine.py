@@ -1,0 +1,131 @@
+"""Continuous batching: a sequence's tokens do not depend on what else runs beside it, or when it joined."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramix.engine import Engine
+from loramix.errors import LoramixError
+from loramix.generation import GenerationOptions
+
+PROMPTS = [
+    "Question: What is 2 + 3?\n\nAnswer:",
+    "Write a function that adds two numbers.\n\nAnswer:",
+    "Context:\nThe sky is blue.\n\nQuestion: What colour is the sky?\n\nAnswer:",
+    "Question: Which gas do plants take in?\nChoices: A. oxygen\nB. carbon dioxide\n\nAnswer:",
+]
+
+# Each request its own settings: they share one batch (or one lane per merge mode) all the same.
+REQUESTS = [
+    (PROMPTS[0], GenerationOptions(every_k=1, max_new_tokens=14, min_new_tokens=14)),
+    (PROMPTS[1], GenerationOptions(every_k=3, route="softmax", max_new_tokens=9, min_new_tokens=9)),
+    (PROMPTS[2], GenerationOptions(every_k=2, decode="recompute", max_new_tokens=12, min_new_tokens=12)),
+    (PROMPTS[3], GenerationOptions(route="prompt:top1", merge="linear", max_new_tokens=10, min_new_tokens=10)),
+    (PROMPTS[0], GenerationOptions(route="base", max_new_tokens=6, min_new_tokens=6)),
+    (PROMPTS[1], GenerationOptions(route="uniform", merge="paper", max_new_tokens=8, min_new_tokens=8)),
+    (PROMPTS[2], GenerationOptions(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=10, min_new_tokens=10)),
+]
+
+
+def alone(mixture, prompt, options):
+    return mixture.generate(prompt, **vars(options))
+
+
+def run_staggered(mixture, requests, join_at, max_batch=None):
+    """Add request i before step join_at[i]; step until all are done. Returns the sequences in request order."""
+    engine = Engine(mixture, max_batch=max_batch)
+    sequences = [mixture.new_sequence(p, o, i) for i, (p, o) in enumerate(requests)]
+    step = 0
+    while step <= max(join_at) or engine.busy:
+        for seq, at in zip(sequences, join_at):
+            if at == step:
+                engine.add(seq)
+        engine.step()
+        step += 1
+    return sequences, engine
+
+
+def test_requests_joining_at_different_steps_match_each_run_alone(tiny_mixture):
+    sequences, engine = run_staggered(tiny_mixture, REQUESTS, join_at=[0, 0, 2, 3, 3, 5, 7])
+    assert set(engine.lanes) == {"exact", "linear", "paper"}
+    for seq, (prompt, options) in zip(sequences, REQUESTS):
+        expected = alone(tiny_mixture, prompt, options)
+        assert seq.token_ids == expected.token_ids, (prompt, options)
+        assert torch.allclose(torch.stack(seq.weight_rows), expected.weights)
+        assert seq.reroutes == expected.reroutes
+    assert engine.running == 0 and all(not lane.rows for lane in engine.lanes.values())
+
+
+def test_a_full_batch_queues_the_rest_and_still_matches(tiny_mixture):
+    requests = REQUESTS[:4]
+    sequences, engine = run_staggered(tiny_mixture, requests, join_at=[0, 0, 0, 0], max_batch=2)
+    for seq, (prompt, options) in zip(sequences, requests):
+        assert seq.token_ids == alone(tiny_mixture, prompt, options).token_ids
+
+
+def test_a_cancelled_sequence_leaves_and_the_others_are_undisturbed(tiny_mixture):
+    engine = Engine(tiny_mixture)
+    requests = REQUESTS[:3]
+    sequences = [tiny_mixture.new_sequence(p, o, i) for i, (p, o) in enumerate(requests)]
+    for seq in sequences:
+        engine.add(seq)
+    for _ in range(3):
+        engine.step()
+    engine.cancel(sequences[1])
+    tokens_when_cancelled = len(sequences[1].token_ids)
+    engine.step()
+    assert sequences[1] not in engine.lanes["exact"].rows
+    assert engine.lanes["exact"].cache.layers[0].keys.shape[0] == 2  # its cache rows are freed
+    while engine.busy:
+        engine.step()
+    assert len(sequences[1].token_ids) == tokens_when_cancelled
+    for i in (0, 2):
+        assert sequences[i].token_ids == alone(tiny_mixture, *requests[i]).token_ids
+
+
+def test_two_streams_interleaved_on_one_model_do_not_disturb_each_other(tiny_mixture):
+    """Each stream's routing state is its own: stepping two alternately gives what each gives alone."""
+    a = tiny_mixture.stream(PROMPTS[:2], every_k=1, max_new_tokens=10, min_new_tokens=10)
+    b = tiny_mixture.stream(PROMPTS[2:], route="prompt", merge="linear", max_new_tokens=10, min_new_tokens=10)
+    for _ in zip(iter(a), iter(b)):
+        pass
+    expected_a = tiny_mixture.generate(PROMPTS[:2], every_k=1, max_new_tokens=10, min_new_tokens=10)
+    expected_b = tiny_mixture.generate(PROMPTS[2:], route="prompt", merge="linear", max_new_tokens=10, min_new_tokens=10)
+    assert [r.token_ids for r in a.results()] == [r.token_ids for r in expected_a]
+    assert [r.token_ids for r in b.results()] == [r.token_ids for r in expected_b]
+
+
+def test_logprobs_are_those_of_the_chosen_tokens(tiny_mixture):
+    seq = tiny_mixture.new_sequence(PROMPTS[0], GenerationOptions(max_new_tokens=5, min_new_tokens=5, logprobs=3))
+    engine = Engine(tiny_mixture)
+    engine.add(seq)
+    events = []
+    while engine.busy:
+        events += engine.step()
+    assert len(events) == 5 and all(e.logprob is not None and e.logprob <= 0 for e in events)
+    for event in events:  # greedy: the chosen token is the likeliest alternative
+        assert event.top_logprobs[0][0] == event.token_id
+        assert event.top_logprobs[0][1] == pytest.approx(event.logprob)
+        assert [lp for _, lp in event.top_logprobs] == sorted((lp for _, lp in event.top_logprobs), reverse=True)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_p=float("nan")), "top-p"),
+        (dict(every_k=0), "every-k"),
+        (dict(max_new_tokens=-3), "max-new-tokens"),
+        (dict(max_new_tokens=1.5), "whole number"),
+        (dict(merge="sum"), "merge mode"),
+        (dict(logprobs=99), "logprobs"),
+        (dict(route="oracle:nobody"), "no expert named"),
+        (dict(route="fixed:1,2"), "3 experts"),
+        (dict(max_new_tokens=5000), "context"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(tiny_mixture, options, match):
+    with pytest.raises(LoramixError, match=match):
+        tiny_mixture.new_sequence(PROMPTS[0], GenerationOptions(**options))
