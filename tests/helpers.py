@@ -15,6 +15,13 @@ CORPUS = [
 ] * 20
 
 
+# A plain chat template, so the tiny model can serve /v1/chat/completions like a real instruct model.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def make_tiny_base(folder: Path, seed: int = 0) -> Path:
     """A randomly initialised 2-layer Llama with its own small byte-level BPE tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -29,6 +36,7 @@ def make_tiny_base(folder: Path, seed: int = 0) -> Path:
     )
     bpe.train_from_iterator(CORPUS, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
 
     torch.manual_seed(seed)
@@ -79,3 +87,51 @@ def make_random_expert(
     if metadata is not None:
         (out / "loramix_expert.json").write_text(json.dumps(metadata))
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str, timeout: float = 120.0):
+    """`loramix serve` in a child process on a free loopback port; returns (process, base url) once healthy."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loramix", "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}: {process.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    stop_server(process)
+    raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
+
+
+def stop_server(process) -> None:
+    """Stop the process we started, by its id: SIGTERM, then SIGKILL if it lingers."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)

@@ -91,7 +91,9 @@ def test_two_streams_interleaved_on_one_model_do_not_disturb_each_other(tiny_mix
     for _ in zip(iter(a), iter(b)):
         pass
     expected_a = tiny_mixture.generate(PROMPTS[:2], every_k=1, max_new_tokens=10, min_new_tokens=10)
-    expected_b = tiny_mixture.generate(PROMPTS[2:], route="prompt", merge="linear", max_new_tokens=10, min_new_tokens=10)
+    expected_b = tiny_mixture.generate(
+        PROMPTS[2:], route="prompt", merge="linear", max_new_tokens=10, min_new_tokens=10
+    )
     assert [r.token_ids for r in a.results()] == [r.token_ids for r in expected_a]
     assert [r.token_ids for r in b.results()] == [r.token_ids for r in expected_b]
 

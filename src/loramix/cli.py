@@ -350,6 +350,49 @@ def bench(
     console.print(f"[green]benchmark written to {out / 'bench.md'}[/]")
 
 
+def _serve_default(name: str):
+    from loramix.server import ServeSettings
+
+    return ServeSettings.__dataclass_fields__[name].default
+
+
+@app.command()
+def serve(
+    bundle: BundleDir = None,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless told otherwise.")] = _serve_default(
+        "host"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = _serve_default("port"),
+    api_key: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/* (default: $LORAMIX_API_KEY).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = _serve_default("max_batch"),
+    max_queue: Annotated[int, typer.Option(help="Sequences waiting beyond the batch; more get 429.")] = _serve_default(
+        "max_queue"
+    ),
+    max_new_tokens_limit: Annotated[
+        int, typer.Option(help="Largest max_tokens a request may ask for.")
+    ] = _serve_default("max_new_tokens_limit"),
+    merge: Annotated[str, typer.Option(help="Merge mode of requests that set none.")] = _serve_default("merge"),
+    every_k: Annotated[int, typer.Option("--every-k", help="Default re-route interval.")] = _serve_default("every_k"),
+    route: Annotated[str, typer.Option(help="Default route of the 'loramix' model.")] = _serve_default("route"),
+    decode: Annotated[str, typer.Option(help="Default decode mode.")] = _serve_default("decode"),
+    embedder_dtype: EmbedderDtype = _serve_default("embedder_dtype"),
+) -> None:
+    """An OpenAI-compatible server with continuous batching and a live routing view at http://HOST:PORT/."""
+    from loramix.server import ServeSettings
+    from loramix.server import serve as run_server
+
+    settings = ServeSettings(
+        bundle=str(bundle) if bundle else None, host=host, port=port, api_key=api_key or os.environ.get(
+            "LORAMIX_API_KEY"), max_batch=max_batch, max_queue=max_queue, max_new_tokens_limit=max_new_tokens_limit,
+        merge=merge, every_k=every_k, route=route, decode=decode, embedder_dtype=embedder_dtype,
+    )  # fmt: skip
+    settings.check()
+    console.print(f"loramix serving on [bold]http://{host}:{port}/[/] (the routing view; the API under /v1)")
+    run_server(settings)
+
+
 @app.command()
 def demo(
     bundle: BundleDir = None,

@@ -141,6 +141,15 @@ class IncrementalDetokenizer:
             return piece
         return ""
 
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the very end decodes as U+FFFD)."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        piece = decode(self.ids[self.prefix :], skip_special_tokens=True)[len(before) :]
+        self.prefix = self.read = len(self.ids)
+        self.text += piece
+        return piece
+
 
 @dataclass(eq=False)  # compared by identity: a sequence is one request, whatever its contents
 class SequenceState:
@@ -212,6 +221,8 @@ class SequenceState:
             self.reroutes.append(step)
         piece = self.detokenizer.add(token_id)
         self.finish_reason = self._finish_reason(token_id, piece, eos_ids)
+        if self.finish_reason is not None:
+            piece += self.detokenizer.flush()
         return TokenEvent(
             self.index, step, token_id, piece, row.tolist(), rerouted, self.finish_reason is not None,
             self.finish_reason,
