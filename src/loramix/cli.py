@@ -388,9 +388,41 @@ def serve(
             "LORAMIX_API_KEY"), max_batch=max_batch, max_queue=max_queue, max_new_tokens_limit=max_new_tokens_limit,
         merge=merge, every_k=every_k, route=route, decode=decode, embedder_dtype=embedder_dtype,
     )  # fmt: skip
-    settings.check()
+    from loramix.bundle import Bundle, resolve_bundle
+
+    settings.check(Bundle.load(resolve_bundle(bundle)).expert_names)  # before minutes of loading, not after
     console.print(f"loramix serving on [bold]http://{host}:{port}/[/] (the routing view; the API under /v1)")
     run_server(settings)
+
+
+@app.command()
+def loadtest(
+    url: Annotated[str, typer.Option(help="A running `loramix serve` on this machine.")] = "http://127.0.0.1:8000",
+    clients: Annotated[str, typer.Option(help="Concurrency levels, e.g. 1,4,8,16.")] = "1,4,8,16",
+    requests: Annotated[int, typer.Option(help="Requests per level (the same ones at every level).")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request (no early end).")] = 64,
+    every_k: Annotated[int | None, typer.Option("--every-k", help="Sent as every_k (default: the server's).")] = None,
+    route: Annotated[str | None, typer.Option(help="Sent as route (default: the server's).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Bearer key, if the server wants one.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the report as JSON here.")] = None,
+) -> None:
+    """Concurrent streaming clients against a running server (loopback only): tokens/s, TTFT, inter-token latency."""
+    from loramix.loadtest import TABLE_HEADER, run_loadtest
+
+    try:
+        levels = tuple(int(x) for x in clients.split(","))
+    except ValueError:
+        raise LoramixError(f"--clients takes comma-separated whole numbers, got '{clients}'.") from None
+    extra = {k: v for k, v in (("every_k", every_k), ("route", route)) if v is not None}
+    console.print(TABLE_HEADER, highlight=False)
+    report = run_loadtest(
+        url, levels, requests, max_tokens, api_key=api_key, extra=extra,
+        progress=lambda row: console.print(row, highlight=False),
+    )  # fmt: skip
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        console.print(f"[green]report written to {out}[/]")
 
 
 @app.command()

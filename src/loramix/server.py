@@ -39,6 +39,7 @@ from loramix.openai_api import (
     routing_trace,
     usage,
 )
+from loramix.router import parse_route
 from loramix.sequences import GenerationOptions, SequenceState, TokenEvent
 from loramix.telemetry import ServerMetrics
 
@@ -60,13 +61,16 @@ class ServeSettings:
     decode: str = "cached"
     embedder_dtype: str = "auto"
 
-    def check(self) -> None:
+    def check(self, expert_names: list[str] | None = None) -> None:
+        """Refuse settings that cannot serve; the route is checked once the experts' names are known."""
         for name in ("max_batch", "max_queue", "max_new_tokens_limit"):
             if getattr(self, name) < 1:
                 raise LoramixError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if not 0 < self.port < 65536:
             raise LoramixError(f"--port must be between 1 and 65535, got {self.port}.")
         self.default_options().validate()
+        if expert_names is not None:
+            parse_route(self.route, expert_names)
 
     def default_options(self) -> GenerationOptions:
         return GenerationOptions(every_k=self.every_k, route=self.route, decode=self.decode, merge=self.merge)
@@ -206,6 +210,8 @@ def create_app(settings: ServeSettings, load: Callable[[], object] | None = None
                 mixture = MixtureModel.from_bundle(
                     settings.bundle, merge=settings.merge, embedder_dtype=settings.embedder_dtype
                 )
+            settings.check(mixture.expert_names)
+            mixture.state.check_mode(settings.merge)
             state.mixture = mixture
             state.worker = EngineWorker(mixture, settings, state.metrics)
         except Exception as exc:  # noqa: BLE001 - reported by /health, the server stays up to say so
