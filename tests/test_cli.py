@@ -65,10 +65,22 @@ def test_info_json(tmp_path):
         (["--route", "magic"], "Unknown route rule"),
         (["--route", "fixed:1,1"], "gives 2 weights"),
         (["--merge", "blend"], "Unknown merge mode"),
+        (["--temperature", "nan"], "--temperature must be 0 (greedy) or a positive number"),
+        (["--top-p", "nan"], "--top-p must be in (0, 1]"),
     ],
 )
 def test_bad_generate_options_print_one_clear_error(tiny_bundle, args, message):
     done = run_cli("generate", "Hello", "--bundle", str(tiny_bundle), "--max-new-tokens", "2", *args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--max-batch", "0"], "--max-batch must be at least 1"), (["--route", "oracle:nobody"], "no expert named")],
+)
+def test_bad_serve_options_are_refused_before_loading(tiny_bundle, args, message):
+    done = run_cli("serve", "--bundle", str(tiny_bundle), "--port", "1", *args)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
 

@@ -132,3 +132,30 @@ def test_shipped_router_sends_held_out_prompts_to_their_task():
         sims = mixture.router.similarities(prompts).similarities
         chosen = [mixture.expert_names[i] for i in sims.argmax(dim=1).tolist()]
         assert chosen.count(name) >= 7, f"{name}: routed to {chosen}"
+
+
+def test_served_default_bundle_under_concurrency_equals_each_request_alone():
+    """The shipped bundle behind `loramix serve`: 8 concurrent streamed requests with their own settings; every
+    greedy text equals `generate` of that request alone."""
+    import asyncio
+
+    from helpers import start_server, stop_server
+
+    from loramix.loadtest import DEFAULT_PROMPTS, run_level
+
+    variants = [{}, {"every_k": 1}, {"route": "prompt"}, {"merge": "linear"}]
+    bodies = [
+        {"model": "loramix", "prompt": prompt, "max_tokens": 32, "temperature": 0, "stream": True,
+         **variants[i % len(variants)]}
+        for i, prompt in enumerate(DEFAULT_PROMPTS)
+    ]  # fmt: skip
+    process, url = start_server("--embedder-dtype", "fp32")
+    try:
+        results, _ = asyncio.run(run_level(url, bodies, clients=len(bodies), timeout=300))
+    finally:
+        stop_server(process)
+    mixture = MixtureModel.from_bundle(None, embedder_dtype="fp32")
+    for body, result in zip(bodies, results):
+        settings = {k: body[k] for k in ("every_k", "route", "merge") if k in body}
+        assert result.error is None
+        assert result.text == mixture.generate(body["prompt"], max_new_tokens=32, **settings).text, body
