@@ -140,7 +140,6 @@ def test_served_default_bundle_under_concurrency_equals_each_request_alone():
     import asyncio
 
     from helpers import start_server, stop_server
-
     from loramix.loadtest import DEFAULT_PROMPTS, run_level
 
     variants = [{}, {"every_k": 1}, {"route": "prompt"}, {"merge": "linear"}]

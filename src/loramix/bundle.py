@@ -7,6 +7,7 @@ router.safetensors     float32 `centroids` [n_experts, dim], rows in bundle.json
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -94,6 +95,36 @@ class Bundle:
 
     def load_centroids(self) -> torch.Tensor:
         return load_centroids(self.root / self.router, len(self.experts))
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class BundleFingerprint:
+    """Digests of a bundle's files: equal fingerprints, equal outputs (eval cache keys, Ray replicas)."""
+
+    base: str
+    experts: dict[str, str]
+    router: str
+
+    @classmethod
+    def of(cls, bundle: Bundle, embedder_dtype: str = "fp32") -> BundleFingerprint:
+        """What a bundle's outputs depend on: base model, each expert's files, the router's file and embedder.
+
+        embedder_dtype: the resolved routing precision ("fp32" or "bf16"), part of the router's identity."""
+        experts = {
+            e.name: _file_digest(bundle.root / e.path / "adapter_model.safetensors")
+            + _file_digest(bundle.root / e.path / "adapter_config.json")
+            for e in bundle.experts
+        }
+        router = f"{_file_digest(bundle.root / bundle.router)}|{bundle.embedder}|{embedder_dtype}"
+        return cls(base=f"{bundle.base_model}|{bundle.base_model_signature}", experts=experts, router=router)
+
+    def digest(self) -> str:
+        """One short string for the whole fingerprint."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
 
 
 def check_same_base(experts: list[ExpertAdapter], signature: str, base_name: str) -> None:

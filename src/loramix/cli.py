@@ -356,6 +356,12 @@ def _serve_default(name: str):
     return ServeSettings.__dataclass_fields__[name].default
 
 
+def _ray_default(name: str):
+    from loramix.ray_serve import RaySettings
+
+    return RaySettings.__dataclass_fields__[name].default
+
+
 @app.command()
 def serve(
     bundle: BundleDir = None,
@@ -378,6 +384,20 @@ def serve(
     route: Annotated[str, typer.Option(help="Default route of the 'loramix' model.")] = _serve_default("route"),
     decode: Annotated[str, typer.Option(help="Default decode mode.")] = _serve_default("decode"),
     embedder_dtype: EmbedderDtype = _serve_default("embedder_dtype"),
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Serve as a Ray Serve deployment (pip install 'loramix[ray]').")
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: replicas, each with its own engine.")] = _ray_default(
+        "replicas"
+    ),
+    autoscale: Annotated[
+        str | None, typer.Option(help="With --ray: MIN:MAX replicas, scaled on ongoing requests.")
+    ] = _ray_default("autoscale"),
+    address: Annotated[
+        str | None, typer.Option(help="With --ray: 'auto' or ray://HOST:PORT of a running cluster (default: local).")
+    ] = _ray_default("address"),
+    num_cpus: Annotated[float, typer.Option(help="With --ray: CPUs per replica.")] = _ray_default("num_cpus"),
+    num_gpus: Annotated[float, typer.Option(help="With --ray: GPUs per replica.")] = _ray_default("num_gpus"),
 ) -> None:
     """An OpenAI-compatible server with continuous batching and a live routing view at http://HOST:PORT/."""
     from loramix.server import ServeSettings
@@ -391,8 +411,22 @@ def serve(
     from loramix.bundle import Bundle, resolve_bundle
 
     settings.check(Bundle.load(resolve_bundle(bundle)).expert_names)  # before minutes of loading, not after
-    console.print(f"loramix serving on [bold]http://{host}:{port}/[/] (the routing view; the API under /v1)")
-    run_server(settings)
+    where = f"[bold]http://{host}:{port}/[/] (the routing view; the API under /v1)"
+    if not ray:
+        console.print(f"loramix serving on {where}")
+        run_server(settings)
+        return
+    from loramix.ray_serve import RaySettings, serve_on_ray
+
+    ray_settings = RaySettings(replicas, autoscale, address, num_cpus, num_gpus)
+    ray_settings.check()
+    try:
+        import ray as _  # noqa: F401
+    except ImportError:
+        raise LoramixError("--ray needs Ray Serve: pip install 'loramix[ray]'.") from None
+    shape = f"autoscaled {autoscale}" if autoscale else f"{replicas} replica(s)"
+    console.print(f"starting Ray Serve ({shape}, {num_cpus} CPU / {num_gpus} GPU each)...")
+    serve_on_ray(settings, ray_settings, on_ready=lambda: console.print(f"loramix serving on Ray at {where}"))
 
 
 @app.command()

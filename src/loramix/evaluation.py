@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loramix.bundle import Bundle, resolve_bundle
+from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.errors import LoramixError
 from loramix.generation import GenerationResult
 from loramix.metrics import choose_by_loglik, score
@@ -152,28 +152,6 @@ def parse_configs(spec: str, bundle: Bundle, defaults: EvalConfig | None = None)
 
 
 # ---- what a result depends on ----
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-@dataclass
-class BundleFingerprint:
-    base: str
-    experts: dict[str, str]
-    router: str
-
-    @classmethod
-    def of(cls, bundle: Bundle, embedder_dtype: str = "fp32") -> BundleFingerprint:
-        """embedder_dtype: the resolved routing precision ("fp32" or "bf16"), part of the router's identity."""
-        experts = {
-            e.name: _file_digest(bundle.root / e.path / "adapter_model.safetensors")
-            + _file_digest(bundle.root / e.path / "adapter_config.json")
-            for e in bundle.experts
-        }
-        router = f"{_file_digest(bundle.root / bundle.router)}|{bundle.embedder}|{embedder_dtype}"
-        return cls(base=f"{bundle.base_model}|{bundle.base_model_signature}", experts=experts, router=router)
 
 
 def generation_budget(task: str, cap: int | None) -> int:

@@ -53,7 +53,7 @@ class LevelReport:
     tokens: int
     seconds: float
     tokens_per_second: float
-    speedup: float  # over one client at a time
+    speedup: float | None  # over one client at a time (None when that level was not run)
     ttft_p50: float
     ttft_p99: float
     itl_p50: float
@@ -142,7 +142,7 @@ def summarise(clients: int, results: list[ClientResult], seconds: float, single_
     gaps = [g for r in ok for g in r.gaps]
     return LevelReport(
         clients=clients, requests=len(results), failed=len(results) - len(ok), tokens=tokens, seconds=seconds,
-        tokens_per_second=rate, speedup=rate / single_rate if single_rate else 1.0,
+        tokens_per_second=rate, speedup=rate / single_rate if single_rate else None,
         ttft_p50=percentile(firsts, 50), ttft_p99=percentile(firsts, 99),
         itl_p50=percentile(gaps, 50), itl_p99=percentile(gaps, 99),
     )  # fmt: skip
@@ -184,9 +184,10 @@ def run_loadtest(
 
 
 def format_row(row: dict) -> str:
+    speedup = "" if row["speedup"] is None else f"{row['speedup']:.2f}x"
     return (
         f"| {row['clients']} | {row['requests']} | {row['failed']} | {row['tokens']} | {row['seconds']:.1f} | "
-        f"{row['tokens_per_second']:.1f} | {row['speedup']:.2f}x | {1000 * row['ttft_p50']:.0f} | "
+        f"{row['tokens_per_second']:.1f} | {speedup} | {1000 * row['ttft_p50']:.0f} | "
         f"{1000 * row['ttft_p99']:.0f} | {1000 * row['itl_p50']:.0f} | {1000 * row['itl_p99']:.0f} | "
         f"{row['outputs_differing_from_first_level']} |"
     )

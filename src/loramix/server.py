@@ -195,8 +195,9 @@ class ServerState:
         return ServerLimits(self.settings.max_new_tokens_limit, self.settings.default_options())
 
 
-def create_app(settings: ServeSettings, load: Callable[[], object] | None = None):
-    """The FastAPI app. `load` returns the MixtureModel (default: the settings' bundle); it runs in the background."""
+def create_app(settings: ServeSettings, load: Callable[[], object] | None = None, replica: str | None = None):
+    """The FastAPI app. `load` returns the MixtureModel (default: the settings' bundle); it runs in the background.
+    `replica` names this copy of the server (Ray Serve): every response says which one answered."""
     settings.check()
     state = ServerState(settings)
 
@@ -227,6 +228,13 @@ def create_app(settings: ServeSettings, load: Callable[[], object] | None = None
 
     app = FastAPI(title="loramix", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loramix = state
+    if replica is not None:
+
+        @app.middleware("http")
+        async def name_the_replica(request: Request, call_next):
+            response = await call_next(request)
+            response.headers["X-Loramix-Replica"] = replica
+            return response
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -249,7 +257,8 @@ def create_app(settings: ServeSettings, load: Callable[[], object] | None = None
         if state.worker is None:
             status = "failed" if state.error else "loading"
             return JSONResponse({"status": status, "error": state.error}, status_code=503)
-        return {"status": "ok", "running": state.worker.engine.running, "waiting": len(state.worker.engine.waiting)}
+        engine = state.worker.engine
+        return {"status": "ok", "running": engine.running, "waiting": len(engine.waiting), "replica": replica}
 
     @app.get("/metrics")
     async def metrics():
