@@ -138,6 +138,8 @@ def summarise(clients: int, results: list[ClientResult], seconds: float, single_
     ok = [r for r in results if r.error is None]
     tokens = sum(r.tokens for r in ok)
     rate = tokens / seconds if seconds > 0 else 0.0
+    if clients == 1 and single_rate is None:
+        single_rate = rate  # this is the one-at-a-time level
     firsts = [r.first_token for r in ok if r.first_token is not None]
     gaps = [g for r in ok for g in r.gaps]
     return LevelReport(
