@@ -230,3 +230,33 @@ def test_a_run_with_other_settings_is_refused_before_it_mixes_into_the_report(ti
         run_evaluation(_plan(tiny_bundle, tiny_data, out, configs="base,tla:k=1", limit=1), progress=False)
     assert (out / "items.jsonl").read_text() == before, "refused before anything ran: base was not scored either"
     run_evaluation(smoke, progress=False)  # the same settings still resume
+
+
+def test_stored_predictions_scored_by_older_metrics_are_rescored_without_generating(
+    tiny_bundle, tiny_data, tmp_path, counted_generate
+):
+    from loramix.evaluation import SCORING_VERSION, load_records, rescore
+
+    out = tmp_path / "eval"
+    run_evaluation(_plan(tiny_bundle, tiny_data, out, configs="base"), progress=False)
+    items = out / "items.jsonl"
+    records = [json.loads(line) for line in items.read_text().splitlines()]
+    assert all(r["scoring"] == SCORING_VERSION for r in records)
+    # as the first results were: no scoring version, and ARC's "A brick wall" read as option A (the gold here)
+    arc = next(r for r in records if r["task"] == "arc")
+    arc["prediction"], arc["scores"]["accuracy"] = " A brick wall", 1.0
+    for r in records:
+        del r["scoring"]
+    items.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(LoramixError, match="--rescore"):
+        load_records(out)
+
+    counted_generate["prompts"] = 0
+    changes = rescore(out, tiny_data)
+    assert counted_generate["prompts"] == 0, "nothing is generated again"
+    arc_change = next(c for c in changes if c["task"] == "arc")
+    assert arc_change["changed"] == 1 and arc_change["new_mean"] < arc_change["old_mean"]
+    again = {r["id"]: r for r in load_records(out)}
+    assert again[arc["id"]]["scores"]["accuracy"] == 0.0
+    assert "loglik_accuracy" in again[arc["id"]]["scores"], "the log-likelihood choice is kept"
+    assert len(again) == len(records)

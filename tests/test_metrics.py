@@ -25,8 +25,10 @@ def item(*references, choices=()):
 
 
 @pytest.mark.parametrize(
-    "raw,normal", [("1,234", "1234"), ("$18", "18"), ("18.", "18"), ("18.0", "18"), ("-3.50", "-3.5"), ("0.25", "0.25")]
-)
+    "raw,normal",
+    [("1,234", "1234"), ("$18", "18"), ("18.", "18"), ("18.0", "18.0"), ("-3.50", "-3.50"), ("0.25", "0.25"),
+     ("18..", "18.")],
+)  # fmt: skip
 def test_number_normalisation(raw, normal):
     assert normalise_number(raw) == normal
 
@@ -38,7 +40,8 @@ def test_number_normalisation(raw, normal):
         ("#### 1,800", 0.0, 0.0),  # right format, wrong number
         ("So she earns $18.", 0.0, 1.0),  # no ####: strict fails, the last number is right
         ("#### 18\nThen 20 more", 1.0, 0.0),  # strict reads ####; flexible takes the LAST number
-        ("18.0 dollars", 0.0, 1.0),
+        ("18.0 dollars", 0.0, 0.0),  # as lm-evaluation-harness: only commas, $ and one final . are dropped
+        ("It is 18.", 0.0, 1.0),
         ("no number here", 0.0, 0.0),
     ],
 )
@@ -48,7 +51,7 @@ def test_gsm8k_strict_and_flexible(prediction, strict, flexible):
 
 def test_gsm8k_extractors():
     assert gsm8k_strict_answer("x #### -7") == "-7"
-    assert gsm8k_flexible_answer("costs $1,234.50 total") == "1234.5"
+    assert gsm8k_flexible_answer("costs $1,234.50 total") == "1234.50"
     assert gsm8k_strict_answer("no marker 5") is None
 
 
@@ -62,6 +65,12 @@ def test_gsm8k_extractors():
         ("The answer is D", "D"),
         (" Cat", None),
         ("", None),
+        (" A brick wall", None),  # the article, not option A
+        ("A", "A"),
+        ("B\nBecause plants need it", "B"),
+        ("E: rust", "E"),
+        ("D ", "D"),
+        ("a brick", None),
     ],
 )
 def test_arc_letter(prediction, letter):

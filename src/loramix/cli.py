@@ -208,10 +208,18 @@ def evaluate(
     embedder_dtype: EmbedderDtype = "auto",
     data_dir: DataDir = None,
     report_only: Annotated[bool, typer.Option(help="Only rewrite the report from the items already scored.")] = False,
+    rescore: Annotated[
+        bool, typer.Option(help="Score the stored predictions again with today's metrics (no generation), then report.")
+    ] = False,
 ) -> None:
     """The paper's comparison with bootstrap CIs; re-running resumes (finished items are skipped)."""
     from loramix.evaluation import EvalPlan, distributed_rank, run_evaluation
+    from loramix.evaluation import rescore as rescore_stored
     from loramix.report import write_report
+
+    if rescore:
+        _print_rescore(rescore_stored(out, data_dir, split))
+        report_only = True
 
     task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
     plan = EvalPlan(
@@ -235,6 +243,18 @@ def evaluate(
         raise LoramixError(f"No scored items in {out} yet.")
     _print_results(results)
     console.print(f"[green]report written to {out / 'results.md'}[/]")
+
+
+def _print_rescore(changes: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="re-scored from the stored predictions (primary metric x100)", title_justify="left")
+    for column in ("config", "task", "items", "changed", "before", "after"):
+        table.add_column(column, justify="left" if column in ("config", "task") else "right")
+    for c in changes:
+        table.add_row(c["config"], c["task"], str(c["n"]), str(c["changed"]), f"{100 * c['old_mean']:.2f}",
+                      f"{100 * c['new_mean']:.2f}")  # fmt: skip
+    console.print(table)
 
 
 def _report_meta(bundle: Path | None, split: str) -> dict:

@@ -1,9 +1,11 @@
 """Scoring one prediction against one task item; every function returns {metric name: value in [0, 1]}.
 
-- GSM8K: exact match of the final number, as lm-evaluation-harness does it: `strict` takes the number after
-  `####`, `flexible` the last number anywhere in the output; commas, `$` and a trailing `.` or `.0` are dropped.
-- ARC-Challenge: the letter generated after `Answer:` (`accuracy`); the log-likelihood choice among the item's
-  labels is scored in evaluation, where the model's probabilities are at hand.
+- GSM8K: exact match of the final number, exactly as lm-evaluation-harness does it: `strict` takes the number
+  after `####`, `flexible` the last number anywhere in the output; commas, `$` and one final `.` are dropped from
+  both sides, nothing else (so "18.0" does not match "18", as in the harness).
+- ARC-Challenge: the option letter generated after `Answer:` (`accuracy`), read only where it stands alone
+  ("C", "C.", "(c)", "C) text", "The answer is C"), never the article of "A brick wall"; the log-likelihood
+  choice among the item's labels is scored in evaluation, where the model's probabilities are at hand.
 - SQuAD v1.1: exact match and token F1 with the official answer normalisation, max over gold answers.
 - CodeAlpaca: ROUGE-L F1 (rouge-score), chrF and sentence BLEU (sacrebleu), each scaled to [0, 1]. These are
   surface-overlap metrics: the data has no tests, so no execution-based metric is possible.
@@ -25,11 +27,9 @@ _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 
 def normalise_number(text: str) -> str:
-    """'1,234.0' -> '1234', '$18.' -> '18', '-3.50' -> '-3.5'."""
-    text = text.strip().replace(",", "").replace("$", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.\d+", text):
-        text = text.rstrip("0").rstrip(".")
-    return text
+    """lm-evaluation-harness's GSM8K normalisation: '1,234' -> '1234', '$18.' -> '18', '18.0' stays '18.0'."""
+    text = text.strip().replace(",", "").replace("$", "")
+    return text[:-1] if text.endswith(".") else text
 
 
 def gsm8k_strict_answer(prediction: str) -> str | None:
@@ -55,14 +55,18 @@ def score_gsm8k(prediction: str, example: Example) -> dict[str, float]:
 
 # ---- ARC-Challenge ----
 
-_LETTER = re.compile(r"^\s*\(?([A-Ea-e])(?:[\s\.\):,]|$)")
+# "(c)", or a capital letter followed by nothing, by punctuation or by a line break, not by a word
+_LETTER = re.compile(r"^\s*(?:\(([A-Ea-e])\)|([A-E])(?:$|[\.\):,\n]|\s+$))")
 _STATED_LETTER = re.compile(r"answer is:?\s*\(?([A-E])\b", re.IGNORECASE)
 
 
 def arc_letter(prediction: str) -> str | None:
     """The option letter a generation gives: 'C', ' C.', '(c)', 'C) text', 'The answer is C' -> 'C'."""
-    match = _LETTER.match(prediction) or _STATED_LETTER.search(prediction)
-    return match.group(1).upper() if match else None
+    match = _LETTER.match(prediction)
+    if match:
+        return (match.group(1) or match.group(2)).upper()
+    stated = _STATED_LETTER.search(prediction)
+    return stated.group(1).upper() if stated else None
 
 
 def score_arc(prediction: str, example: Example) -> dict[str, float]:
