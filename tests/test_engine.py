@@ -25,6 +25,7 @@ REQUESTS = [
     (PROMPTS[0], GenerationOptions(route="base", max_new_tokens=6, min_new_tokens=6)),
     (PROMPTS[1], GenerationOptions(route="uniform", merge="paper", max_new_tokens=8, min_new_tokens=8)),
     (PROMPTS[2], GenerationOptions(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=10, min_new_tokens=10)),
+    (PROMPTS[3], GenerationOptions(every_k=1, route="window:6+3/topk:2", max_new_tokens=10, min_new_tokens=10)),
 ]
 
 
@@ -47,7 +48,7 @@ def run_staggered(mixture, requests, join_at, max_batch=None):
 
 
 def test_requests_joining_at_different_steps_match_each_run_alone(tiny_mixture):
-    sequences, engine = run_staggered(tiny_mixture, REQUESTS, join_at=[0, 0, 2, 3, 3, 5, 7])
+    sequences, engine = run_staggered(tiny_mixture, REQUESTS, join_at=[0, 0, 2, 3, 3, 5, 7, 4])
     assert set(engine.lanes) == {"exact", "linear", "paper"}
     for seq, (prompt, options) in zip(sequences, REQUESTS):
         expected = alone(tiny_mixture, prompt, options)

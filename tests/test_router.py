@@ -162,3 +162,38 @@ def test_a_text_that_only_just_reaches_the_limit_is_not_frozen_for_good(embedder
     router = CentroidRouter(embedder, torch.randn(2, embedder.dim))
     assert not router._frozen_for_good("word " * 250 + "ending")  # the stable prefix has fewer than 254 pieces
     assert router._frozen_for_good("word " * 300 + "ending")
+
+
+def test_topk_keeps_the_k_most_similar_experts_and_renormalises():
+    sims = torch.tensor([[0.6, 0.3, 0.2, 0.1]])
+    weights = parse_route("topk:2:0.1", NAMES).rule(sims)
+    assert weights[0, 2:].tolist() == [0.0, 0.0]
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert weights[0, 0] / weights[0, 1] == pytest.approx(float(torch.exp(torch.tensor(3.0))), rel=1e-4)
+    assert torch.equal(parse_route("topk:1", NAMES).rule(sims), top1_weights(sims))
+
+
+def test_a_window_routes_on_the_recent_tokens_and_the_prompts_start():
+    policy = parse_route("window:3+2/softmax:0.05", NAMES)
+    assert policy.kind == "dynamic" and policy.window == 3 and policy.window_head == 2
+    prompt, generated = [1, 2, 3, 4], [5, 6, 7, 8]
+    assert policy.routing_ids(prompt, generated) == [1, 2, 6, 7, 8]
+    assert policy.routing_ids(prompt, []) == [1, 2, 3, 4], "a text shorter than head + window is routed whole"
+    assert parse_route("window:2/top1", NAMES).routing_ids(prompt, generated) == [7, 8]
+    assert parse_route("paper", NAMES).routing_ids(prompt, generated) == prompt + generated
+
+
+@pytest.mark.parametrize("spec", ["window:0/top1", "window:8", "window:x/top1", "window:8/magic", "topk:0", "topk:two"])
+def test_bad_window_and_topk_routes(spec):
+    with pytest.raises(LoramixError):
+        parse_route(spec, NAMES)
+
+
+def test_a_windowed_sequence_is_never_frozen_for_good(embedder):
+    from loramix.router import RouteMemory
+
+    router = CentroidRouter(embedder, torch.randn(2, embedder.dim))
+    long_text = "Glaciers carve valleys over thousands of years. " * 70
+    fixed, sliding = RouteMemory(), RouteMemory(sliding=True)
+    router.similarities([long_text, long_text], [fixed, sliding])
+    assert fixed.frozen is not None and sliding.frozen is None

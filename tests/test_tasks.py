@@ -6,7 +6,7 @@ import pytest
 
 from loramix.errors import LoramixError
 from loramix.paths import data_dir
-from loramix.tasks import TASKS, get_task
+from loramix.tasks import TASKS, Example, get_task
 from loramix.tasks.arc import normalise_label
 
 
@@ -90,3 +90,20 @@ def test_real_gsm8k_references_are_the_final_numbers():
     example = TASKS["gsm8k"].load(root, "test")[0]
     assert example.references == (example.target.split("####")[-1].strip(),)
     assert example.references[0] == "18"
+
+
+def test_validation_is_held_out_of_what_experts_train_on_and_of_test():
+    from loramix.tasks.base import VALIDATION_SIZE, held_out_of_train
+    from loramix.training import select_examples
+
+    train = [Example(id=f"t{i}", prompt=f"p{i}", target="x") for i in range(1000)]
+    validation = held_out_of_train(train)
+    assert len(validation) == VALIDATION_SIZE
+    trained = select_examples(train, len(train) - VALIDATION_SIZE, seed=0)
+    assert not {e.id for e in validation} & {e.id for e in trained}
+    assert held_out_of_train(train) == validation, "fixed, not drawn anew"
+
+
+def test_every_task_has_a_validation_split(tiny_data):
+    for name, task in TASKS.items():
+        assert task.load(tiny_data, "validation"), name

@@ -14,6 +14,7 @@ from rich.console import Console
 from loramix import __version__
 from loramix.errors import LoramixError
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
+from loramix.router import ROUTE_HELP
 
 app = typer.Typer(
     help="Token-level adaptation of LoRA adapters: train experts, build the router, generate with per-token routing.",
@@ -134,7 +135,7 @@ def generate(
     bundle: BundleDir = None,
     every_k: Annotated[int, typer.Option("--every-k", help="Re-route every k generated tokens.")] = 2,
     route: Annotated[
-        str, typer.Option(help="paper[:T], softmax[:T], top1, prompt[:RULE], base, uniform, oracle:NAME, fixed:w1,...")
+        str, typer.Option(help=ROUTE_HELP)
     ] = "paper",
     merge: Annotated[str, typer.Option(help="exact, linear (PEFT >= 0.7) or paper (PEFT 0.4.0).")] = "exact",
     decode: Annotated[

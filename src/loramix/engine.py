@@ -206,8 +206,9 @@ class Engine:
         decode = self.mx.tokenizer.decode
         outcome = self.mx.router.route(
             [seq.memory for seq in routed],
-            lambda i: decode(routed[i].prompt_ids + routed[i].token_ids, skip_special_tokens=True),
-        )
+            lambda i: decode(routed[i].policy.routing_ids(routed[i].prompt_ids, routed[i].token_ids),
+                             skip_special_tokens=True),
+        )  # fmt: skip
         for i, seq in enumerate(routed):
             seq.weights = seq.policy.rule(outcome.similarities[i : i + 1])[0]
             seq.reused += int(outcome.reused[i])

@@ -150,6 +150,14 @@ def top1_weights(similarities: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(similarities.argmax(dim=-1), similarities.shape[-1]).float()
 
 
+def topk_weights(similarities: torch.Tensor, k: int, temperature: float = SOFTMAX_TEMPERATURE) -> torch.Tensor:
+    """softmax(similarities / T) over the k most similar experts, 0 for the others."""
+    k = min(k, similarities.shape[-1])
+    top = similarities.topk(k, dim=-1)
+    weights = torch.zeros_like(similarities)
+    return weights.scatter(-1, top.indices, (top.values / temperature).softmax(dim=-1))
+
+
 @dataclass(frozen=True)
 class RoutePolicy:
     """How weights are chosen during generation.
@@ -163,19 +171,40 @@ class RoutePolicy:
     rule: Callable[[torch.Tensor], torch.Tensor] | None = None
     fixed: tuple[float, ...] | None = None
     n_experts: int = 0
+    window: int | None = None  # route on the last `window` tokens only (dynamic policies), not the whole text
+    window_head: int = 0  # ... plus the prompt's first `window_head` tokens
+
+    def routing_ids(self, prompt_ids: list[int], generated: list[int]) -> list[int]:
+        """The token ids whose text the router embeds at a routing step."""
+        text = prompt_ids + generated
+        if self.window is None or len(text) <= self.window_head + self.window:
+            return text
+        return prompt_ids[: self.window_head] + text[-self.window :]
 
     @property
     def needs_router(self) -> bool:
         return self.kind in ("dynamic", "prompt")
 
 
-ROUTE_HELP = "paper[:T], softmax[:T], top1, prompt[:RULE], base, uniform, oracle:NAME, fixed:w1,w2,..."
+ROUTE_HELP = (
+    "paper[:T], softmax[:T], top1, topk:K[:T], window:W[+P]/RULE, prompt[:RULE], base, uniform, oracle:NAME, "
+    "fixed:w1,w2,..."
+)
 
 
 def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     name, _, arg = spec.partition(":")
     if name == "top1" and not arg:
         return top1_weights
+    if name == "topk":
+        k_text, _, t_text = arg.partition(":")
+        try:
+            k, temperature = int(k_text), float(t_text) if t_text else SOFTMAX_TEMPERATURE
+        except ValueError:
+            raise LoramixError(f"Route rule '{spec}': write topk:K or topk:K:T (K whole, T a number).") from None
+        if k < 1 or temperature <= 0:
+            raise LoramixError(f"Route rule '{spec}': K must be at least 1 and T positive.")
+        return lambda sims: topk_weights(sims, k, temperature)
     if name in ("paper", "softmax"):
         default = PAPER_TEMPERATURE if name == "paper" else SOFTMAX_TEMPERATURE
         try:
@@ -195,8 +224,29 @@ def parse_route(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     return replace(policy, n_experts=len(expert_names))
 
 
+def _parse_window(spec: str) -> RoutePolicy:
+    """window:W[+P]/RULE: re-route on the last W tokens (and the prompt's first P), so routing follows the text
+    and never freezes at the embedder's input limit."""
+    head, _, rule_spec = spec.partition("/")
+    name, _, size = head.partition(":")
+    last, _, first = size.partition("+")
+    rule = _parse_rule(rule_spec)
+    try:
+        window, window_head = int(last), int(first or 0)
+    except ValueError:
+        window = window_head = -1
+    if name != "window" or rule is None or window < 1 or window_head < 0:
+        raise LoramixError(
+            f"Route '{spec}': write window:W/RULE or window:W+P/RULE (W >= 1 recent tokens, P >= 0 tokens of the "
+            "prompt's start; RULE paper[:T], softmax[:T], top1 or topk:K[:T]), e.g. window:64/softmax:0.05."
+        )
+    return RoutePolicy(spec, "dynamic", rule=rule, window=window, window_head=window_head)
+
+
 def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     n = len(expert_names)
+    if "/" in spec:
+        return _parse_window(spec)
     rule = _parse_rule(spec)
     if rule is not None:
         return RoutePolicy(spec, "dynamic", rule=rule)
@@ -204,7 +254,9 @@ def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     if name == "prompt":
         rule = _parse_rule(arg or "paper")
         if rule is None:
-            raise LoramixError(f"Route '{spec}': '{arg}' is not a routing rule (paper[:T], softmax[:T], top1).")
+            raise LoramixError(
+                f"Route '{spec}': '{arg}' is not a routing rule (paper[:T], softmax[:T], top1, topk:K[:T])."
+            )
         return RoutePolicy(spec, "prompt", rule=rule)
     if spec == "base":
         return RoutePolicy(spec, "base")
@@ -254,6 +306,7 @@ class RouteMemory:
     ids: tuple[int, ...] | None = None  # the embedder's truncated input at the last step
     vector: torch.Tensor | None = None  # and its embedding
     frozen: torch.Tensor | None = None  # similarities fixed for good: the text is past the limit to stay
+    sliding: bool = False  # the routed text is a window that moves: it never freezes for good
 
 
 @dataclass
@@ -339,7 +392,13 @@ class CentroidRouter:
         self.stats.at_limit += sum(at_limit)
         sims = torch.stack(vectors) @ self._unit_centroids.T
         for i, (memory, text, limited) in enumerate(zip(memories, texts, at_limit)):
-            if limited and memory is not None and memory.frozen is None and self._frozen_for_good(text):
+            if (
+                limited
+                and memory is not None
+                and not memory.sliding
+                and memory.frozen is None
+                and self._frozen_for_good(text)
+            ):
                 memory.frozen = sims[i]
         self.stats.seconds += time.perf_counter() - start
         return RoutingOutcome(sims, reused, at_limit)

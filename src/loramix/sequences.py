@@ -175,6 +175,7 @@ class SequenceState:
     cancelled: bool = False
 
     def __post_init__(self):
+        self.memory.sliding = self.policy.window is not None
         if self.options.temperature > 0 and self.generator is None:
             seed = self.options.seed if self.options.seed is not None else 0
             self.generator = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ from loramix.tasks.base import Example, Task, read_jsonl, require_file
 
 SPLIT_FILES = {
     "train": "ARC-Challenge-Train.jsonl",
-    "dev": "ARC-Challenge-Dev.jsonl",
+    "validation": "ARC-Challenge-Dev.jsonl",  # ARC's own Dev split: no expert or centroid has seen it
     "test": "ARC-Challenge-Test.jsonl",
 }
 
@@ -49,7 +49,7 @@ TASK = Task(
     name="arc",
     title="ARC-Challenge",
     loader=load,
-    splits=("train", "dev", "test"),
+    splits=("train", "validation", "test"),
     max_new_tokens=4,
     stop=("\n",),
 )

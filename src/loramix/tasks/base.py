@@ -25,9 +25,28 @@ class Example:
         return f"{self.prompt} {self.target}"
 
 
+VALIDATION_SIZE = 300  # items held out of the training split for choosing router settings
+VALIDATION_SEED = 0  # the seed experts are trained with: they sample from the front of this order
+
+
+def held_out_of_train(train: list[Example]) -> list[Example]:
+    """The validation split of a task without one: the LAST items of train in the seeded order that training
+    samples its examples from the front of (`select_examples`, seed 0), so no expert trained with seed 0 and
+    --max-examples <= len(train) - 300 has seen them. The centroids are built from all of train, so each of these
+    items is one of the thousands of texts averaged into its task's centroid."""
+    import random
+
+    order = list(range(len(train)))
+    random.Random(VALIDATION_SEED).shuffle(order)
+    return [train[i] for i in sorted(order[-VALIDATION_SIZE:])]
+
+
 @dataclass(frozen=True)
 class Task:
-    """A task: how to load a split, and how much text a good answer needs when generating."""
+    """A task: how to load a split, and how much text a good answer needs when generating.
+
+    Every task has `validation`: its own held-out split where it has one (ARC's Dev), else the tail of train
+    (`held_out_of_train`). Router settings are chosen there; `test` is scored once per finalist."""
 
     name: str
     title: str
@@ -37,8 +56,11 @@ class Task:
     stop: tuple[str, ...] = field(default=())  # text after which an answer is complete
 
     def load(self, data_dir: Path, split: str) -> list[Example]:
-        if split not in self.splits:
-            raise LoramixError(f"Task '{self.name}' has no split '{split}'; choose one of {', '.join(self.splits)}.")
+        splits = self.splits if "validation" in self.splits else (*self.splits, "validation")
+        if split not in splits:
+            raise LoramixError(f"Task '{self.name}' has no split '{split}'; choose one of {', '.join(splits)}.")
+        if split == "validation" and "validation" not in self.splits:
+            return held_out_of_train(self.loader(data_dir, "train"))
         return self.loader(data_dir, split)
 
 
