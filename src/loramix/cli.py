@@ -134,9 +134,7 @@ def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts ('-' reads one from stdin).")],
     bundle: BundleDir = None,
     every_k: Annotated[int, typer.Option("--every-k", help="Re-route every k generated tokens.")] = 2,
-    route: Annotated[
-        str, typer.Option(help=ROUTE_HELP)
-    ] = "paper",
+    route: Annotated[str, typer.Option(help=ROUTE_HELP)] = "paper",
     merge: Annotated[str, typer.Option(help="exact, linear (PEFT >= 0.7) or paper (PEFT 0.4.0).")] = "exact",
     decode: Annotated[
         str, typer.Option(help="cached (keep the KV cache) or recompute (re-run the text after each re-route).")

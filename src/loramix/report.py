@@ -318,6 +318,24 @@ def routing_means(scores: Scores) -> dict:
     return dict(out)
 
 
+def routing_accuracy(scores: Scores, experts: list[str], oracle_experts: dict[str, str]) -> dict:
+    """Per routed config (token-level or prompt-level) and task: the share of items whose largest mean weight
+    is the task's own expert, and the mean weight the own expert gets. It explains the task scores."""
+    out: dict = defaultdict(dict)
+    for (config, task), rows in scores.weights.items():
+        own = oracle_experts.get(task)
+        if not rows or own not in experts or not config.startswith(("tla", "prompt")):
+            continue
+        weights = np.array(rows)
+        index = experts.index(own)
+        out[config][task] = {
+            "n": len(rows),
+            "top_is_own": round(float((weights.argmax(axis=1) == index).mean()), 4),
+            "own_weight": round(float(weights[:, index].mean()), 4),
+        }
+    return dict(out)
+
+
 def answer_loss_matrix(records: list[dict]) -> dict:
     """Per task: each model's mean gold-answer loss (nats/token) over the items every model scored there, and each
     expert minus the base model, paired over those items (records from `loramix specialist`)."""
@@ -365,6 +383,9 @@ def write_report(out: Path, meta: dict | None = None) -> dict:
         "own_expert_vs_base": own_expert_gains(scores),
         "claims": claims(scores),
         "routing": routing_means(scores),
+        "routing_accuracy": routing_accuracy(
+            scores, (meta or {}).get("experts", []), (meta or {}).get("oracle_experts", {})
+        ),
         "seconds_per_config": {
             c: round(sum(v for (cc, _), v in scores.seconds.items() if cc == c), 1) for c in scores.configs
         },
@@ -547,12 +568,31 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
                 )
         lines.append("")
 
+    lines += _render_routing_accuracy(results.get("routing_accuracy", {}), scores.tasks)
     lines += ["## Time", "", "| config | seconds |", "|---|---|"]
     lines += [f"| {c} | {s} |" for c, s in results["seconds_per_config"].items()]
     lines.append("")
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     return "\n".join(lines)
+
+
+def _render_routing_accuracy(accuracy: dict, tasks: list[str]) -> list[str]:
+    if not accuracy:
+        return []
+    lines = [
+        "## Routing accuracy",
+        "",
+        "Per item, whether the expert with the largest weight (averaged over the answer's tokens) is the item's own "
+        "task's expert, and the mean weight that expert gets: top is own % / own weight.",
+        "",
+        "| config | " + " | ".join(TASKS[t].title for t in tasks) + " |",
+        "|" + "---|" * (len(tasks) + 1),
+    ]
+    for config, row in accuracy.items():
+        cells = [f"{100 * row[t]['top_is_own']:.1f}% / {row[t]['own_weight']:.2f}" if t in row else "" for t in tasks]
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _render_answer_loss(matrix: dict, own: dict[str, str]) -> list[str]:
