@@ -260,3 +260,26 @@ def test_stored_predictions_scored_by_older_metrics_are_rescored_without_generat
     assert again[arc["id"]]["scores"]["accuracy"] == 0.0
     assert "loglik_accuracy" in again[arc["id"]]["scores"], "the log-likelihood choice is kept"
     assert len(again) == len(records)
+
+
+def test_routing_accuracy_counts_items_whose_largest_weight_is_their_own_expert():
+    from loramix.report import Scores, routing_accuracy
+
+    def record(config, task, item, weights):
+        return {"config": config, "task": task, "id": item, "scores": {"x": 1.0}, "weights_mean": weights}
+
+    records = [
+        record("tla:k=2", "arc", "a1", [0.1, 0.7, 0.2]),
+        record("tla:k=2", "arc", "a2", [0.5, 0.3, 0.2]),
+        record("tla:k=2", "gsm8k", "g1", [0.6, 0.2, 0.2]),
+        record("uniform", "arc", "a1", [1 / 3, 1 / 3, 1 / 3]),  # a fixed policy: not routing, not counted
+    ]
+    accuracy = routing_accuracy(
+        Scores.from_records(records), ["gsm8k", "arc", "codealpaca"], {"gsm8k": "gsm8k", "arc": "arc"}
+    )
+    assert accuracy == {
+        "tla:k=2": {
+            "arc": {"n": 2, "top_is_own": 0.5, "own_weight": 0.5},
+            "gsm8k": {"n": 1, "top_is_own": 1.0, "own_weight": 0.6},
+        }
+    }

@@ -352,6 +352,8 @@ def method_table(quick: bool) -> dict[str, Callable]:
             name, function = ours_method(decode, k)
             methods[name] = function
         methods["ours cached k=1 fp32 router"] = run_ours_fp32_router
+        for route in ("top1", "window:48+16/top1"):  # the sharper and the windowed router (issue: routing)
+            methods[f"ours cached k=1 {route}"] = lambda ctx, p, n, route=route: run_ours(ctx, p, n, route=route)
     return methods
 
 
