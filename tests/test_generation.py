@@ -85,9 +85,9 @@ def test_recompute_reruns_the_whole_text_only_at_reroutes(mixture, monkeypatch):
     lengths = []
     original = mixture.forward
 
-    def recording_forward(input_ids, *args):
+    def recording_forward(input_ids, *args, **kwargs):
         lengths.append(input_ids.shape[1])
-        return original(input_ids, *args)
+        return original(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(mixture, "forward", recording_forward)
     prompt_length = len(mixture.tokenizer(PROMPTS[0]).input_ids)
@@ -158,10 +158,10 @@ def test_oracle_route_is_that_single_peft_adapter(mixture, tiny_base, tiny_exper
 def _force_eos(mixture, monkeypatch):
     original = mixture.forward
 
-    def eos_loving_forward(*args):
-        logits, cache = original(*args)
+    def eos_loving_forward(*args, **kwargs):
+        logits, cache, hidden = original(*args, **kwargs)
         logits[:, mixture.eos_ids[0]] += 1000.0
-        return logits, cache
+        return logits, cache, hidden
 
     monkeypatch.setattr(mixture, "forward", eos_loving_forward)
 

@@ -20,6 +20,7 @@ import torch
 from loramix import __version__
 from loramix.adapters import ExpertAdapter, load_expert
 from loramix.errors import LoramixError
+from loramix.hidden_router import HIDDEN_ROUTER_FILE, build_hidden_centroids, save_hidden_centroids
 from loramix.mixture import attach_experts, detach_experts
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, base_model_signature, load_base_model
 from loramix.paths import REPO_ROOT, data_dir, loramix_home
@@ -108,6 +109,7 @@ class BundleFingerprint:
     base: str
     experts: dict[str, str]
     router: str
+    hidden_router: str | None = None  # the hidden-state centroids, where the bundle has them
 
     @classmethod
     def of(cls, bundle: Bundle, embedder_dtype: str = "fp32") -> BundleFingerprint:
@@ -120,7 +122,11 @@ class BundleFingerprint:
             for e in bundle.experts
         }
         router = f"{_file_digest(bundle.root / bundle.router)}|{bundle.embedder}|{embedder_dtype}"
-        return cls(base=f"{bundle.base_model}|{bundle.base_model_signature}", experts=experts, router=router)
+        hidden = bundle.root / HIDDEN_ROUTER_FILE
+        return cls(
+            base=f"{bundle.base_model}|{bundle.base_model_signature}", experts=experts, router=router,
+            hidden_router=_file_digest(hidden) if hidden.is_file() else None,
+        )  # fmt: skip
 
     def digest(self) -> str:
         """One short string for the whole fingerprint."""
@@ -176,6 +182,34 @@ def _adopt_expert(root: Path, name: str, source: Path) -> Path:
             shutil.rmtree(target)
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints", "checkpoint-*"))
     return target
+
+
+def build_hidden_router(
+    root: str | Path, max_examples: int = 300, data: str | Path | None = None, batch_size: int = 8
+) -> Path:
+    """Hidden-state centroids for a bundle (`hidden:L/RULE` routes): each expert's task training texts (the first
+    `max_examples`, as `router build` takes them) through the base model, experts off, every layer pooled."""
+    from rich.progress import Progress
+
+    bundle = Bundle.load(root)
+    model, tokenizer = load_base_model(bundle.base_model)
+    tokenizer.padding_side = "right"  # plain padding: the mean is taken over each text's own tokens
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = {
+        e.name: [x.training_text for x in get_task(e.task).load(data_dir(data), "train")[:max_examples]]
+        for e in bundle.experts
+    }
+    with Progress() as bar:
+        job = bar.add_task("hidden-state centroids", total=sum(len(t) for t in texts.values()))
+        centroids = build_hidden_centroids(
+            model, tokenizer, texts, batch_size=batch_size, progress=lambda n: bar.advance(job, n)
+        )
+    path = bundle.root / HIDDEN_ROUTER_FILE
+    save_hidden_centroids(path, centroids, bundle.expert_names, max_examples)
+    bundle.info["hidden_router_examples"] = {name: len(t) for name, t in texts.items()}
+    bundle.save()
+    return path
 
 
 def build_bundle(

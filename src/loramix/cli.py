@@ -129,6 +129,20 @@ def router_build(
     console.print(f"[green]bundle written to {bundle}[/] (experts {', '.join(result.expert_names)}; texts {counts})")
 
 
+@router_app.command("hidden")
+def router_hidden(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder to add hidden-state centroids to.")],
+    max_examples: Annotated[int, typer.Option(help="Training texts per expert.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 8,
+    data_dir: DataDir = None,
+) -> None:
+    """Centroids of the base model's own hidden states (every layer), for `--route hidden:L/RULE`."""
+    from loramix.bundle import build_hidden_router
+
+    path = build_hidden_router(bundle, max_examples, data_dir, batch_size)
+    console.print(f"[green]hidden-state centroids written to {path}[/]")
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts ('-' reads one from stdin).")],

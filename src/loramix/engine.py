@@ -150,6 +150,7 @@ class Engine:
         admitted = [seq for seq in admitted if not seq.cancelled]
         if not admitted:
             return
+        self._sum_prompt_hidden_states([seq for seq in admitted if seq.policy.hidden_layer is not None])
         self._route([seq for seq in admitted if seq.reroutes_at(0)])
         for seq in admitted:
             if seq.policy.kind == "fixed":
@@ -199,10 +200,17 @@ class Engine:
     # ---- model calls ----
 
     def _route(self, seqs: list[SequenceState]) -> None:
-        routed = [seq for seq in seqs if seq.policy.needs_router]
-        if not routed:
-            return
         start = time.perf_counter()
+        for seq in seqs:
+            if seq.policy.hidden_layer is not None:  # the running mean of its own hidden states: no embedder
+                pooled = seq.hidden_sum / max(seq.hidden_count, 1)
+                sims = self.mx.hidden_router.similarities(seq.policy.hidden_layer, pooled.unsqueeze(0))
+                seq.weights = seq.policy.rule(sims)[0]
+        routed = [seq for seq in seqs if seq.policy.needs_text_router]
+        if not routed:
+            self.reroutes += sum(seq.policy.needs_router for seq in seqs)
+            self.timing["routing"] += time.perf_counter() - start
+            return
         decode = self.mx.tokenizer.decode
         outcome = self.mx.router.route(
             [seq.memory for seq in routed],
@@ -213,24 +221,48 @@ class Engine:
             seq.weights = seq.policy.rule(outcome.similarities[i : i + 1])[0]
             seq.reused += int(outcome.reused[i])
             seq.frozen += int(outcome.at_limit[i])
-        self.reroutes += len(routed)
+        self.reroutes += sum(seq.policy.needs_router for seq in seqs)
         self.timing["routing"] += time.perf_counter() - start
+
+    def _sum_prompt_hidden_states(self, seqs: list[SequenceState]) -> None:
+        """Hidden routing starts from the prompt's own states: one short pass up to the deepest layer needed."""
+        if not seqs:
+            return
+        ids, mask = self._left_padded([seq.prompt_ids for seq in seqs])
+        layers = tuple(sorted({seq.policy.hidden_layer for seq in seqs}))
+        start = time.perf_counter()
+        sums = self.mx.prompt_hidden_sums(ids, mask, left_padded_positions(mask), layers)
+        self.timing["routing"] += time.perf_counter() - start
+        for row, seq in enumerate(seqs):
+            seq.hidden_sum, seq.hidden_count = sums[seq.policy.hidden_layer][row], len(seq.prompt_ids)
+
+    def _left_padded(self, texts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [b, width] and attention mask, left-padded so every row's newest token is in the last column."""
+        width = max(len(t) for t in texts)
+        ids = torch.full((len(texts), width), self.mx.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids[row, width - len(text) :] = torch.tensor(text)
+            mask[row, width - len(text) :] = 1
+        return ids.to(self.mx.device), mask.to(self.mx.device)
 
     def _prefill(self, lane: Lane, seqs: list[SequenceState]) -> None:
         """Run these sequences' whole texts (left-padded together) and join them to the lane."""
         mx = self.mx
-        texts = [seq.prompt_ids + seq.token_ids for seq in seqs]
-        width = max(len(t) for t in texts)
-        ids = torch.full((len(seqs), width), mx.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids[row, width - len(text) :] = torch.tensor(text)
-            mask[row, width - len(text) :] = 1
-        ids, mask = ids.to(mx.device), mask.to(mx.device)
+        ids, mask = self._left_padded([seq.prompt_ids + seq.token_ids for seq in seqs])
         weights = Lane(lane.merge, rows=seqs).weights()
+        # a re-run (decode=recompute) processes one token no pass has yet: hidden routing counts it
+        again = [s for s in seqs if s.step > 0 and s.policy.hidden_layer is not None]
+        layers = tuple(sorted({s.policy.hidden_layer for s in again}))
         start = time.perf_counter()
-        logits, cache = mx.forward(ids, mask, left_padded_positions(mask), None, weights, lane.merge)
+        logits, cache, hidden = mx.forward(
+            ids, mask, left_padded_positions(mask), None, weights, lane.merge, capture=layers
+        )
         self.timing["prefill"] += time.perf_counter() - start
+        for row, seq in enumerate(seqs):
+            if seq in again:
+                seq.hidden_sum = seq.hidden_sum + hidden[seq.policy.hidden_layer][row, -1].float().cpu()
+                seq.hidden_count += 1
         for row, seq in enumerate(seqs):
             if seq.options.first_token_candidates and seq.step == 0:
                 candidates = list(seq.options.first_token_candidates)
@@ -242,9 +274,16 @@ class Engine:
         last = torch.tensor([[seq.token_ids[-1]] for seq in lane.rows], device=mx.device)
         lane.mask = torch.cat([lane.mask, torch.ones_like(last)], dim=1)
         positions = lane.mask.sum(dim=1, keepdim=True) - 1
+        layers = tuple(sorted({s.policy.hidden_layer for s in lane.rows if s.policy.hidden_layer is not None}))
         start = time.perf_counter()
-        lane.logits, lane.cache = mx.forward(last, lane.mask, positions, lane.cache, lane.weights(), lane.merge)
+        lane.logits, lane.cache, hidden = mx.forward(
+            last, lane.mask, positions, lane.cache, lane.weights(), lane.merge, capture=layers
+        )
         self.timing["decode"] += time.perf_counter() - start
+        for row, seq in enumerate(lane.rows):  # hidden routing: the token just processed joins the running mean
+            if seq.policy.hidden_layer is not None:
+                seq.hidden_sum = seq.hidden_sum + hidden[seq.policy.hidden_layer][row, -1].float().cpu()
+                seq.hidden_count += 1
 
     def _by_lane(self, seqs: list[SequenceState]) -> dict[str, list[SequenceState]]:
         groups: dict[str, list[SequenceState]] = {}

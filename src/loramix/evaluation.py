@@ -187,6 +187,8 @@ def item_key(
         parts["merge"] = config.merge
     if config.kind in ("prompt", "tla"):
         parts |= {"router": fingerprint.router, "route": config.route_for(task, bundle)}
+        if config.route.startswith("hidden:"):  # added only here, so every other key stays as it was
+            parts["hidden_router"] = fingerprint.hidden_router
     if config.kind == "tla":
         parts |= {"k": config.every_k, "decode": config.decode}
     if config.kind == "arrow":

@@ -26,6 +26,7 @@ from loramix.adapters import ExpertAdapter
 from loramix.bundle import Bundle, check_same_base, resolve_bundle
 from loramix.engine import Engine, left_padded_positions
 from loramix.errors import LoramixError
+from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter, load_hidden_centroids
 from loramix.mixture import MixtureState, attach_experts
 from loramix.models import base_model_signature, load_base_model
 from loramix.router import CentroidRouter, Embedder, parse_route
@@ -62,6 +63,7 @@ class MixtureModel:
         self.state: MixtureState = attach_experts(model, experts, merge)
         self._merge = merge
         self.router = router
+        self.hidden_router: HiddenRouter | None = None  # set by from_bundle when the bundle has one
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         eos = model.generation_config.eos_token_id
@@ -101,6 +103,9 @@ class MixtureModel:
             router = CentroidRouter(Embedder(bundle.embedder, device, embedder_dtype), bundle.load_centroids())
         mixture = cls(model, tokenizer, experts, router, merge)
         mixture.bundle = bundle
+        hidden = bundle.root / HIDDEN_ROUTER_FILE
+        if hidden.is_file():
+            mixture.hidden_router = HiddenRouter(load_hidden_centroids(hidden, bundle.expert_names))
         return mixture
 
     @property
@@ -141,8 +146,18 @@ class MixtureModel:
         `prompt` is text, or token ids (their text is decoded for routing and results)."""
         options.validate()
         policy = parse_route(options.route, self.expert_names)
-        if policy.needs_router and self.router is None:
+        if policy.needs_text_router and self.router is None:
             raise LoramixError(f"Route '{options.route}' needs the router, but this model was loaded without one.")
+        if policy.hidden_layer is not None:
+            if self.hidden_router is None:
+                raise LoramixError(
+                    f"Route '{options.route}' needs the bundle's hidden-state centroids ({HIDDEN_ROUTER_FILE}); "
+                    "build them with `loramix router hidden BUNDLE`."
+                )
+            if policy.hidden_layer > self.hidden_router.n_layers:
+                raise LoramixError(
+                    f"Route '{options.route}': this base model has {self.hidden_router.n_layers} layers."
+                )
         if options.merge is not None:
             self.state.check_mode(options.merge)
         if isinstance(prompt, str):
@@ -167,8 +182,12 @@ class MixtureModel:
 
     # ---- pieces used by the decoding loop ----
 
-    def forward(self, input_ids, attention_mask, position_ids, cache, weights=None, merge: str | None = None):
-        """Logits of the last position [batch, vocab], and the KV cache (a new one if `cache` is None).
+    def forward(
+        self, input_ids, attention_mask, position_ids, cache, weights=None, merge: str | None = None,
+        capture: tuple[int, ...] = (),
+    ):  # fmt: skip
+        """Logits of the last position [batch, vocab], the KV cache (a new one if `cache` is None), and the hidden
+        states after each layer in `capture` ({layer: [batch, seq, hidden]}, for hidden-state routing).
 
         weights: [batch, n_experts] routing weights for this pass (None: experts off); merge: the merge mode
         (None: the model's). Both are set on the shared mixture layers inside the same lock as the pass.
@@ -191,12 +210,26 @@ class MixtureModel:
                 position_ids=position_ids,
                 use_cache=True,
                 logits_to_keep=1,
+                output_hidden_states=bool(capture),
                 **cache_argument,
             )
+        hidden = {layer: out.hidden_states[layer] for layer in capture}
         logits = out.logits[:, -1, :].float()
         if logits.is_cuda:  # so the time of the forward pass is counted as such, not in whatever waits next
             torch.cuda.synchronize(logits.device)
-        return logits, cache
+        return logits, cache, hidden
+
+    def prompt_hidden_sums(self, input_ids, attention_mask, position_ids, layers: tuple[int, ...]) -> dict:
+        """{layer: [batch, hidden]}: the sum over each row's real tokens of the base model's layer-L states
+        (experts off: what the centroids were built from)."""
+        with self._forward_lock, torch.no_grad():
+            self.set_weights(None)
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                logits_to_keep=1, output_hidden_states=True,
+            )  # fmt: skip
+        weights = attention_mask.to(torch.float32).unsqueeze(-1)
+        return {layer: (out.hidden_states[layer].float() * weights).sum(dim=1).cpu() for layer in layers}
 
     def set_weights(self, weights: torch.Tensor | None) -> None:
         self.state.set_weights(weights, self.dtype, self.device)

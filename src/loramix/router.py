@@ -173,6 +173,7 @@ class RoutePolicy:
     n_experts: int = 0
     window: int | None = None  # route on the last `window` tokens only (dynamic policies), not the whole text
     window_head: int = 0  # ... plus the prompt's first `window_head` tokens
+    hidden_layer: int | None = None  # route on the base model's layer-L hidden states, not on embedded text
 
     def routing_ids(self, prompt_ids: list[int], generated: list[int]) -> list[int]:
         """The token ids whose text the router embeds at a routing step."""
@@ -183,12 +184,17 @@ class RoutePolicy:
 
     @property
     def needs_router(self) -> bool:
+        """Whether routing runs during generation (on text, or on hidden states)."""
         return self.kind in ("dynamic", "prompt")
+
+    @property
+    def needs_text_router(self) -> bool:
+        return self.needs_router and self.hidden_layer is None
 
 
 ROUTE_HELP = (
-    "paper[:T], softmax[:T], top1, topk:K[:T], window:W[+P]/RULE, prompt[:RULE], base, uniform, oracle:NAME, "
-    "fixed:w1,w2,..."
+    "paper[:T], softmax[:T], top1, topk:K[:T], window:W[+P]/RULE, hidden:L/RULE, prompt[:RULE], base, uniform, "
+    "oracle:NAME, fixed:w1,w2,..."
 )
 
 
@@ -224,6 +230,20 @@ def parse_route(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     return replace(policy, n_experts=len(expert_names))
 
 
+def _parse_hidden(spec: str) -> RoutePolicy:
+    """hidden:L/RULE: re-route on the running mean of the base model's layer-L hidden states (`hidden_router`)."""
+    head, _, rule_spec = spec.partition("/")
+    _, _, layer_text = head.partition(":")
+    rule = _parse_rule(rule_spec)
+    layer = int(layer_text) if layer_text.isdigit() else 0
+    if rule is None or layer < 1:
+        raise LoramixError(
+            f"Route '{spec}': write hidden:L/RULE (L >= 1 a layer of the base model; RULE paper[:T], softmax[:T], "
+            "top1 or topk:K[:T]), e.g. hidden:30/softmax:0.05."
+        )
+    return RoutePolicy(spec, "dynamic", rule=rule, hidden_layer=layer)
+
+
 def _parse_window(spec: str) -> RoutePolicy:
     """window:W[+P]/RULE: re-route on the last W tokens (and the prompt's first P), so routing follows the text
     and never freezes at the embedder's input limit."""
@@ -245,6 +265,8 @@ def _parse_window(spec: str) -> RoutePolicy:
 
 def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     n = len(expert_names)
+    if spec.startswith("hidden:"):
+        return _parse_hidden(spec)
     if "/" in spec:
         return _parse_window(spec)
     rule = _parse_rule(spec)

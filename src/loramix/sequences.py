@@ -163,6 +163,8 @@ class SequenceState:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
     memory: RouteMemory = field(default_factory=RouteMemory)
+    hidden_sum: torch.Tensor | None = None  # hidden routing: sum of the layer-L states of the tokens processed
+    hidden_count: int = 0
     weights: torch.Tensor | None = None  # [n_experts] now in force, None = experts off
     token_ids: list[int] = field(default_factory=list)
     weight_rows: list[torch.Tensor] = field(default_factory=list)
