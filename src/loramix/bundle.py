@@ -184,11 +184,20 @@ def _adopt_expert(root: Path, name: str, source: Path) -> Path:
     return target
 
 
+HIDDEN_CENTROID_TEXTS = ("prompts", "training")
+
+
 def build_hidden_router(
-    root: str | Path, max_examples: int = 300, data: str | Path | None = None, batch_size: int = 8
-) -> Path:
-    """Hidden-state centroids for a bundle (`hidden:L/RULE` routes): each expert's task training texts (the first
-    `max_examples`, as `router build` takes them) through the base model, experts off, every layer pooled."""
+    root: str | Path, max_examples: int = 300, data: str | Path | None = None, batch_size: int = 8,
+    texts: str = "prompts",
+) -> Path:  # fmt: skip
+    """Hidden-state centroids for a bundle (`hidden:L/RULE` routes): each expert's task training items (the first
+    `max_examples`, as `router build` takes them) through the base model, experts off, every layer pooled.
+
+    texts: "prompts" (the items' prompts alone: what routing sees first; on the validation split these route
+    held-out prompts far better than whole training texts, see REPRODUCTION.md) or "training" (prompt + answer)."""
+    if texts not in HIDDEN_CENTROID_TEXTS:
+        raise LoramixError(f"--texts must be one of {', '.join(HIDDEN_CENTROID_TEXTS)}, got '{texts}'.")
     from rich.progress import Progress
 
     bundle = Bundle.load(root)
@@ -196,18 +205,19 @@ def build_hidden_router(
     tokenizer.padding_side = "right"  # plain padding: the mean is taken over each text's own tokens
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    texts = {
-        e.name: [x.training_text for x in get_task(e.task).load(data_dir(data), "train")[:max_examples]]
-        for e in bundle.experts
+    items = {e.name: get_task(e.task).load(data_dir(data), "train")[:max_examples] for e in bundle.experts}
+    chosen = {
+        name: [x.prompt if texts == "prompts" else x.training_text for x in examples]
+        for name, examples in items.items()
     }
     with Progress() as bar:
-        job = bar.add_task("hidden-state centroids", total=sum(len(t) for t in texts.values()))
+        job = bar.add_task("hidden-state centroids", total=sum(len(t) for t in chosen.values()))
         centroids = build_hidden_centroids(
-            model, tokenizer, texts, batch_size=batch_size, progress=lambda n: bar.advance(job, n)
+            model, tokenizer, chosen, batch_size=batch_size, progress=lambda n: bar.advance(job, n)
         )
     path = bundle.root / HIDDEN_ROUTER_FILE
     save_hidden_centroids(path, centroids, bundle.expert_names, max_examples)
-    bundle.info["hidden_router_examples"] = {name: len(t) for name, t in texts.items()}
+    bundle.info["hidden_router"] = {"texts": texts, "examples": {name: len(t) for name, t in chosen.items()}}
     bundle.save()
     return path
 

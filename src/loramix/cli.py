@@ -134,12 +134,15 @@ def router_hidden(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder to add hidden-state centroids to.")],
     max_examples: Annotated[int, typer.Option(help="Training texts per expert.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 8,
+    texts: Annotated[str, typer.Option(help="prompts (the items' prompts alone) or training (prompt + answer).")] = (
+        "prompts"
+    ),
     data_dir: DataDir = None,
 ) -> None:
     """Centroids of the base model's own hidden states (every layer), for `--route hidden:L/RULE`."""
     from loramix.bundle import build_hidden_router
 
-    path = build_hidden_router(bundle, max_examples, data_dir, batch_size)
+    path = build_hidden_router(bundle, max_examples, data_dir, batch_size, texts)
     console.print(f"[green]hidden-state centroids written to {path}[/]")
 
 
