@@ -1,7 +1,7 @@
 """Screenshot of the routing page of a running `loramix serve` (headless chromium through selenium).
 
-    loramix serve --port 8000 &
-    python scripts/page_screenshot.py --url http://127.0.0.1:8000 --out docs/serve-page.png
+loramix serve --port 8000 &
+python scripts/page_screenshot.py --url http://127.0.0.1:8000 --out docs/serve-page.png
 """
 
 from __future__ import annotations
