@@ -201,11 +201,16 @@ class Engine:
 
     def _route(self, seqs: list[SequenceState]) -> None:
         start = time.perf_counter()
+        by_policy: dict[str, list[SequenceState]] = {}
         for seq in seqs:
-            if seq.policy.hidden_layer is not None:  # the running mean of its own hidden states: no embedder
-                pooled = seq.hidden_sum / max(seq.hidden_count, 1)
-                sims = self.mx.hidden_router.similarities(seq.policy.hidden_layer, pooled.unsqueeze(0))
-                seq.weights = seq.policy.rule(sims)[0]
+            if seq.policy.hidden_layer is not None:
+                by_policy.setdefault(seq.policy.spec, []).append(seq)
+        for group in by_policy.values():  # the running mean of their own hidden states: no embedder
+            pooled = torch.stack([seq.hidden_sum / max(seq.hidden_count, 1) for seq in group])
+            policy = group[0].policy
+            weights = policy.rule(self.mx.hidden_router.similarities(policy.hidden_layer, pooled))
+            for seq, row in zip(group, weights):
+                seq.weights = row
         routed = [seq for seq in seqs if seq.policy.needs_text_router]
         if not routed:
             self.reroutes += sum(seq.policy.needs_router for seq in seqs)
@@ -280,9 +285,10 @@ class Engine:
             last, lane.mask, positions, lane.cache, lane.weights(), lane.merge, capture=layers
         )
         self.timing["decode"] += time.perf_counter() - start
+        latest = {layer: state[:, -1].float().cpu() for layer, state in hidden.items()}  # one copy per layer
         for row, seq in enumerate(lane.rows):  # hidden routing: the token just processed joins the running mean
             if seq.policy.hidden_layer is not None:
-                seq.hidden_sum = seq.hidden_sum + hidden[seq.policy.hidden_layer][row, -1].float().cpu()
+                seq.hidden_sum = seq.hidden_sum + latest[seq.policy.hidden_layer][row]
                 seq.hidden_count += 1
 
     def _by_lane(self, seqs: list[SequenceState]) -> dict[str, list[SequenceState]]:
