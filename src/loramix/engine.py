@@ -40,7 +40,11 @@ class Lane:
     logits: torch.Tensor | None = None  # [b, vocab]: each row's logits for its next token
     _weights: torch.Tensor | None = None  # [b, n_experts], rebuilt only when a row's weights change
 
+    def weights_changed(self) -> None:
+        self._weights = None
+
     def weights(self) -> torch.Tensor | None:
+        """[b, n_experts] of the rows' weights now in force (zeros for a row with the experts off)."""
         if self._weights is None and any(seq.weights is not None for seq in self.rows):
             n = self.rows[0].policy.n_experts
             self._weights = torch.stack([s.weights if s.weights is not None else torch.zeros(n) for s in self.rows])
@@ -183,11 +187,12 @@ class Engine:
     def _advance(self) -> None:
         due = [seq for lane in self.lanes.values() for seq in lane.rows if seq.reroutes_at(seq.step)]
         self._route(due)
+        due = set(due)  # sequences compare by identity
         for lane in self.lanes.values():
             if not lane.rows:
                 continue
             if any(seq in due for seq in lane.rows):
-                lane._weights = None
+                lane.weights_changed()
             again = [i for i, seq in enumerate(lane.rows) if seq.options.decode == "recompute" and seq in due]
             if again:  # re-run their whole text under the new weights, then re-join
                 redo = [lane.rows[i] for i in again]
@@ -200,37 +205,42 @@ class Engine:
     # ---- model calls ----
 
     def _route(self, seqs: list[SequenceState]) -> None:
+        """New weights for these sequences, each by its own policy: on its hidden states or on its text."""
         start = time.perf_counter()
+        self._route_on_hidden_states([seq for seq in seqs if seq.policy.hidden_layer is not None])
+        self._route_on_text([seq for seq in seqs if seq.policy.needs_text_router])
+        self.reroutes += sum(seq.policy.needs_router for seq in seqs)
+        self.timing["routing"] += time.perf_counter() - start
+
+    def _route_on_hidden_states(self, seqs: list[SequenceState]) -> None:
+        """The running mean of each sequence's own layer-L states against the hidden centroids: no embedder."""
         by_policy: dict[str, list[SequenceState]] = {}
         for seq in seqs:
-            if seq.policy.hidden_layer is not None:
-                by_policy.setdefault(seq.policy.spec, []).append(seq)
-        for group in by_policy.values():  # the running mean of their own hidden states: no embedder
+            by_policy.setdefault(seq.policy.spec, []).append(seq)
+        for group in by_policy.values():
             pooled = torch.stack([seq.hidden_sum / max(seq.hidden_count, 1) for seq in group])
             policy = group[0].policy
             weights = policy.rule(self.mx.hidden_router.similarities(policy.hidden_layer, pooled))
             for seq, row in zip(group, weights):
                 seq.weights = row
-        routed = [seq for seq in seqs if seq.policy.needs_text_router]
-        if not routed:
-            self.reroutes += sum(seq.policy.needs_router for seq in seqs)
-            self.timing["routing"] += time.perf_counter() - start
+
+    def _route_on_text(self, seqs: list[SequenceState]) -> None:
+        """The embedder on each sequence's routing text, in one call for all of them."""
+        if not seqs:
             return
         decode = self.mx.tokenizer.decode
         outcome = self.mx.router.route(
-            [seq.memory for seq in routed],
-            lambda i: decode(routed[i].policy.routing_ids(routed[i].prompt_ids, routed[i].token_ids),
+            [seq.memory for seq in seqs],
+            lambda i: decode(seqs[i].policy.routing_ids(seqs[i].prompt_ids, seqs[i].token_ids),
                              skip_special_tokens=True),
         )  # fmt: skip
-        for i, seq in enumerate(routed):
+        for i, seq in enumerate(seqs):
             seq.weights = seq.policy.rule(outcome.similarities[i : i + 1])[0]
             seq.reused += int(outcome.reused[i])
             seq.frozen += int(outcome.at_limit[i])
-        self.reroutes += sum(seq.policy.needs_router for seq in seqs)
-        self.timing["routing"] += time.perf_counter() - start
 
     def _sum_prompt_hidden_states(self, seqs: list[SequenceState]) -> None:
-        """Hidden routing starts from the prompt's own states: one short pass up to the deepest layer needed."""
+        """Hidden routing starts from the prompt's own states: one experts-off pass over the prompts."""
         if not seqs:
             return
         ids, mask = self._left_padded([seq.prompt_ids for seq in seqs])
