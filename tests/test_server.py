@@ -209,6 +209,8 @@ def test_bad_input_gets_a_clear_error_in_openais_shape(server, what, body, statu
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"] and "Traceback" not in error["message"]
     assert error["param"] == param
+    if what == "prompt over the context":
+        assert error["code"] == "context_length_exceeded"
 
 
 def test_bad_chat_input(server):

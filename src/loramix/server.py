@@ -429,7 +429,9 @@ def _sequences(mixture, worker: EngineWorker, prompts_and_options) -> list[Seque
     try:
         return [mixture.new_sequence(p, o, worker.next_index()) for p, o in prompts_and_options]
     except LoramixError as exc:
-        raise ApiError(400, str(exc), param_named_in(str(exc))) from None
+        message = str(exc)
+        code = "context_length_exceeded" if "context" in message else None  # OpenAI's code for it
+        raise ApiError(400, message, param_named_in(message), code) from None
 
 
 def _chunk(kind, response_id, created, model, index, content, reason=None, extra=None) -> dict:
