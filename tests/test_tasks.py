@@ -107,3 +107,18 @@ def test_validation_is_held_out_of_what_experts_train_on_and_of_test():
 def test_every_task_has_a_validation_split(tiny_data):
     for name, task in TASKS.items():
         assert task.load(tiny_data, "validation"), name
+
+
+def test_the_demo_runs_without_any_data_folder(tmp_path, monkeypatch):
+    """A bare clone has no ../shared/data: the demo falls back to the prompts shipped in the package."""
+    from loramix import paths
+    from loramix.demo import demo_examples
+
+    monkeypatch.delenv("LORAMIX_DATA", raising=False)
+    monkeypatch.setattr(paths, "_default_data_candidates", lambda: [tmp_path / "nowhere"])
+    examples, origin = demo_examples()
+    assert [task.name for task, _ in examples] == list(TASKS)
+    assert all(example.prompt.rstrip().endswith("Answer:") and example.target for _, example in examples)
+    assert "shipped" in origin
+    with pytest.raises(LoramixError, match="does not exist"):
+        demo_examples(tmp_path / "typo")  # a folder the user named must exist

@@ -7,14 +7,17 @@ quality; the trained bundle (see REPRODUCTION.md) is the one to judge by.
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.rule import Rule
 
 from loramix.bundle import BUNDLE_FILE, build_bundle, default_bundle_path, quick_bundle_path
+from loramix.errors import LoramixError
 from loramix.paths import data_dir
-from loramix.tasks import TASKS
+from loramix.tasks import TASKS, Example, Task
 from loramix.training import TrainConfig, train_expert
 
 QUICK_EXAMPLES = 64  # per expert: enough to move the adapters, small enough for minutes on a CPU
@@ -47,6 +50,25 @@ def ensure_bundle(console: Console, data: str | Path | None = None) -> Path:
     return root
 
 
+def shipped_examples() -> list[tuple[Task, Example]]:
+    """The held-out prompts that ship in the package (examples/prompts.jsonl: one test item per task, each with
+    its source and license), for machines without the task data."""
+    text = resources.files("loramix").joinpath("examples/prompts.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [(TASKS[r["task"]], Example(id=r["id"], prompt=r["prompt"], target=r["target"])) for r in rows]
+
+
+def demo_examples(data: str | Path | None = None) -> tuple[list[tuple[Task, Example]], str]:
+    """One held-out test item per task from the task data; without any data folder, the shipped ones."""
+    try:
+        root = data_dir(data)
+    except LoramixError:
+        if data is not None:
+            raise  # a folder the user named must exist
+        return shipped_examples(), "the example prompts shipped in the package (no task data folder here)"
+    return [(task, task.load(root, "test")[0]) for task in TASKS.values()], f"held-out test items from {root}"
+
+
 def run_demo(bundle: str | Path | None, every_k: int, console: Console, data: str | Path | None = None) -> None:
     from loramix.display import legend, timing_line, trace, weights_summary
     from loramix.generation import MixtureModel
@@ -57,8 +79,9 @@ def run_demo(bundle: str | Path | None, every_k: int, console: Console, data: st
         f"bundle: {root}  (base {mixture.bundle.base_model}, merge {mixture.merge}, re-route every {every_k} tokens)"
     )
     console.print(legend(mixture.expert_names))
-    for task in TASKS.values():
-        example = task.load(data_dir(data), "test")[0]
+    examples, origin = demo_examples(data)
+    console.print(f"[dim]prompts: {origin}[/]")
+    for task, example in examples:
         console.print(Rule(f"{task.title}: held-out item {example.id}"))
         console.print(example.prompt[-600:], style="dim", highlight=False, markup=False)
         result = mixture.generate(
