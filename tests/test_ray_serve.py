@@ -109,6 +109,24 @@ def test_bad_ray_settings_are_refused(settings, match):
         RaySettings(**settings).check()
 
 
-def test_autoscale_bounds():
+def test_autoscale_bounds_and_the_deployments_options():
+    from loramix.ray_serve import deployment_options
+    from loramix.server import ServeSettings
+
     assert RaySettings(autoscale="1:4").autoscale_bounds() == (1, 4)
     assert RaySettings().autoscale_bounds() is None
+    settings = ServeSettings(max_batch=8, max_queue=32)
+    fixed = deployment_options(settings, RaySettings(replicas=3, num_cpus=2, num_gpus=1))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1} and fixed["max_ongoing_requests"] == 40
+    scaled = deployment_options(settings, RaySettings(autoscale="0:4"))
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 4,
+        "initial_replicas": 1,
+        "target_ongoing_requests": 8,
+    }
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**scaled["autoscaling_config"])  # Ray accepts every key

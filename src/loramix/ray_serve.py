@@ -80,10 +80,8 @@ def build_replica_app(settings: ServeSettings, expected_digest: str):
     return app
 
 
-def deployment(settings: ServeSettings, ray_settings: RaySettings, digest: str):
-    """The Ray Serve application: one ingress deployment whose replicas each run the whole server."""
-    from ray import serve
-
+def deployment_options(settings: ServeSettings, ray_settings: RaySettings) -> dict:
+    """Ray Serve's options for the deployment: resources per replica, and a fixed count or autoscaling."""
     options: dict = {
         "ray_actor_options": {"num_cpus": ray_settings.num_cpus, "num_gpus": ray_settings.num_gpus},
         # Ray queues at the proxy beyond this; the replica's own queue answers 429 past --max-queue
@@ -98,14 +96,19 @@ def deployment(settings: ServeSettings, ray_settings: RaySettings, digest: str):
             "min_replicas": bounds[0], "max_replicas": bounds[1], "initial_replicas": max(bounds[0], 1),
             "target_ongoing_requests": settings.max_batch,  # a full batch per replica before scaling out
         }  # fmt: skip
+    return options
+
+
+def deployment(settings: ServeSettings, ray_settings: RaySettings, digest: str):
+    """The Ray Serve application: one ingress deployment whose replicas each run the whole server."""
+    from ray import serve
 
     class LoramixReplica:
-        """Each replica serves the whole app; Ray calls check_health periodically."""
-
-        def check_health(self) -> None:
-            pass  # the app is built (model loaded) before the replica counts as started
+        """Each replica serves the whole app. The app is built (the model loaded) before the replica counts as
+        started, and Ray's own health check of the replica's actor follows it from there."""
 
     ingress = serve.ingress(lambda: build_replica_app(settings, digest))(LoramixReplica)
+    options = deployment_options(settings, ray_settings)
     return serve.deployment(name="LoramixReplica", **options)(ingress).bind()
 
 
