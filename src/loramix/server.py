@@ -277,6 +277,7 @@ def create_app(settings: ServeSettings, load: Callable[[], object] | None = None
             "max_new_tokens_limit": settings.max_new_tokens_limit,
             "base_model": getattr(getattr(mixture, "bundle", None), "base_model", None),
             "needs_api_key": settings.api_key is not None,
+            "hidden_layers": mixture.hidden_router.n_layers if getattr(mixture, "hidden_router", None) else None,
         }
 
     @app.get("/v1/models")
