@@ -200,7 +200,3 @@ TABLE_HEADER = (
     "ITL p50 ms | ITL p99 ms | outputs differing |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
-
-
-def markdown_table(report: dict) -> str:
-    return "\n".join([TABLE_HEADER, *(format_row(row) for row in report["levels"])])
