@@ -22,10 +22,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_base(folder: Path, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer Llama with its own small byte-level BPE tokenizer."""
+def make_tiny_base(folder: Path, seed: int = 0, architecture: str = "llama") -> Path:
+    """A randomly initialised 2-layer causal LM with its own small byte-level BPE tokenizer.
+
+    architecture: "llama" (q_proj/k_proj/v_proj/o_proj) or "gpt_neox" (query_key_value/dense: other names)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     bpe = Tokenizer(models.BPE(unk_token=None))
@@ -40,6 +42,14 @@ def make_tiny_base(folder: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(folder)
 
     torch.manual_seed(seed)
+    if architecture == "gpt_neox":
+        config = GPTNeoXConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=2048, rotary_pct=0.5, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        GPTNeoXForCausalLM(config).save_pretrained(folder)
+        return folder
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -66,6 +76,7 @@ def make_random_expert(
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
     metadata: dict | None = None,
     std: float = 0.3,
+    use_rslora: bool = False,
 ) -> Path:
     """A PEFT LoRA adapter with random (non-zero) A and B, saved as a standard adapter folder."""
     import json
@@ -76,7 +87,12 @@ def make_random_expert(
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, init_lora_weights=False
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        use_rslora=use_rslora,
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():

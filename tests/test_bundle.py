@@ -47,7 +47,7 @@ def test_expert_without_a_task_needs_a_task_name(tiny_base, tiny_experts, tiny_d
     anonymous = tmp_path / "anon"
     shutil.copytree(tiny_experts[0], anonymous)
     (anonymous / "loramix_expert.json").unlink()
-    with pytest.raises(LoramixError, match="has no task recorded"):
+    with pytest.raises(LoramixError, match="has no texts for the router"):
         build_bundle(tmp_path / "b1", {"mystery": anonymous}, base_model=str(tiny_base), data=tiny_data)
     bundle = build_bundle(tmp_path / "b2", {"squad": anonymous}, base_model=str(tiny_base), data=tiny_data)
     assert bundle.experts[0].task == "squad"

@@ -65,7 +65,9 @@ def test_recompute_at_k1_produces_the_reference_loop_tokens(
         expected = reference_loop(
             peft_model, tokenizer, embedder, mixture.router.centroids, prompt, n, combination, mixture.eos_ids
         )
-        ours = mixture.generate(prompt, every_k=1, decode="recompute", max_new_tokens=n, min_new_tokens=n)
+        ours = mixture.generate(
+            prompt, route="paper", every_k=1, decode="recompute", max_new_tokens=n, min_new_tokens=n
+        )
         assert ours.token_ids == expected
         assert ours.reroutes == list(range(n))
 
@@ -251,10 +253,10 @@ def test_routing_freezes_past_the_embedder_limit_and_reuses_the_embedding(mixtur
     long_prompt = (
         "Context:\n" + "The river carries sand to the delta. " * 32 + "\n\nQuestion: What does it carry?\n\nAnswer:"
     )
-    result = mixture.generate(long_prompt, every_k=2, max_new_tokens=8, min_new_tokens=8)
+    result = mixture.generate(long_prompt, route="paper", every_k=2, max_new_tokens=8, min_new_tokens=8)
     assert result.reroutes == [0, 2, 4, 6]
     assert result.frozen_reroutes == 4  # every routing step saw a text past the 256-piece limit
     assert result.reused_embeddings == 3  # so only the first one ran the embedder
     assert (result.weights == result.weights[0]).all()
-    short = mixture.generate(PROMPTS[0], every_k=2, max_new_tokens=8, min_new_tokens=8)
+    short = mixture.generate(PROMPTS[0], route="paper", every_k=2, max_new_tokens=8, min_new_tokens=8)
     assert short.frozen_reroutes == 0

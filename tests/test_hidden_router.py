@@ -84,11 +84,31 @@ def test_hidden_routed_sequences_in_a_batch_match_each_alone(hidden_mixture):
         assert torch.allclose(torch.stack(seq.weight_rows), alone.weights, atol=1e-6)
 
 
-def test_hidden_routes_need_the_centroids_and_a_real_layer(tiny_mixture, hidden_mixture):
-    with pytest.raises(LoramixError, match="router hidden"):
-        tiny_mixture.new_sequence(PROMPT, GenerationOptions(route="hidden:1/top1"))
-    with pytest.raises(LoramixError, match="has 2 layers"):
-        hidden_mixture.new_sequence(PROMPT, GenerationOptions(route="hidden:9/top1"))
+def test_hidden_routes_need_the_centroids_and_a_real_layer(tiny_bundle, hidden_mixture, tmp_path):
+    older = tmp_path / "older"  # a bundle built before hidden-state centroids existed
+    shutil.copytree(tiny_bundle, older)
+    (older / HIDDEN_ROUTER_FILE).unlink()
+    without = MixtureModel.from_bundle(older, embedder_dtype="fp32")
+    for spec in ("hidden:1/top1", "hidden"):
+        with pytest.raises(LoramixError, match="router hidden BUNDLE`, or choose a text route such as --route paper"):
+            without.new_sequence(PROMPT, GenerationOptions(route=spec))
+    for spec in ("hidden:9/top1", "hidden:-3/top1"):
+        with pytest.raises(LoramixError, match="has 2 layers"):
+            hidden_mixture.new_sequence(PROMPT, GenerationOptions(route=spec))
     for spec in ("hidden:0/top1", "hidden:x/top1", "hidden:2"):
         with pytest.raises(LoramixError, match="hidden:L/RULE"):
             hidden_mixture.new_sequence(PROMPT, GenerationOptions(route=spec))
+
+
+def test_negative_layers_count_back_from_the_last_and_hidden_is_the_default(hidden_mixture):
+    """hidden:-1 is the last layer, hidden:-2 the one before; `hidden` (the default route) is hidden:-2/softmax:0.05."""
+    layers = hidden_mixture.model.config.num_hidden_layers
+    assert GenerationOptions().route == "hidden" and GenerationOptions().every_k == 1
+    assert hidden_mixture.new_sequence(PROMPT, GenerationOptions(route="hidden:-1/top1")).policy.hidden_layer == layers
+    default = hidden_mixture.generate(PROMPT, max_new_tokens=8, min_new_tokens=8)
+    spelled = hidden_mixture.generate(
+        PROMPT, route=f"hidden:{layers - 1}/softmax:0.05", max_new_tokens=8, min_new_tokens=8
+    )
+    assert default.token_ids == spelled.token_ids
+    assert torch.equal(default.weights, spelled.weights)
+    assert len(default.reroutes) == 8  # every token

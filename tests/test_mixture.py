@@ -149,6 +149,24 @@ def test_expert_on_a_subset_of_modules_contributes_nothing_elsewhere(tiny_base, 
     assert (ours - theirs).abs().max() < TOLERANCE
 
 
+def test_an_rslora_expert_of_another_rank_alpha_and_targets_mixes_exactly(tiny_base, tiny_experts, tmp_path):
+    """rsLoRA scales by alpha / sqrt(r), not alpha / r: one-hot on it is PEFT's own adapter, and a mix with a plain
+    expert of another rank, alpha and target set is PEFT's weighted sum (cat) of the two."""
+    from helpers import make_random_expert
+
+    rs = make_random_expert(tiny_base, tmp_path / "rs", seed=11, rank=8, alpha=3.0, targets=("q_proj", "o_proj"),
+                            use_rslora=True)  # fmt: skip
+    assert load_expert(rs).scaling == pytest.approx(3.0 / 8**0.5)
+    paths = [tiny_experts[0], rs]
+    ours = _ours(tiny_base, paths, [[0.0, 1.0], [0.0, 1.0]], "exact")
+    peft_model, batch = _peft(tiny_base, paths)
+    peft_model.set_adapter("rs")
+    with torch.no_grad():
+        assert (ours - peft_model(**batch).logits).abs().max() < TOLERANCE
+    ours = _ours(tiny_base, paths, [[0.3, 0.7], [0.3, 0.7]], "exact")
+    assert (ours - _peft_weighted(tiny_base, paths, [0.3, 0.7], "cat")).abs().max() < TOLERANCE
+
+
 def test_detach_restores_the_base_model(tiny_base, tiny_experts):
     model, tokenizer = load_base_model(str(tiny_base))
     state = attach_experts(model, [load_expert(p) for p in tiny_experts])

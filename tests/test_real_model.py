@@ -94,9 +94,9 @@ def test_real_batch_equals_one_at_a_time(real_base, real_experts):
         "Question: Name a primary colour.\n\nAnswer:",
         "Context:\nParis is in France.\n\nQuestion: Where is Paris?\n\nAnswer:",
     ]
-    batch = mixture.generate(prompts, every_k=2, max_new_tokens=8, min_new_tokens=8)
+    batch = mixture.generate(prompts, route="paper", every_k=2, max_new_tokens=8, min_new_tokens=8)
     for prompt, batched in zip(prompts, batch):
-        alone = mixture.generate(prompt, every_k=2, max_new_tokens=8, min_new_tokens=8)
+        alone = mixture.generate(prompt, route="paper", every_k=2, max_new_tokens=8, min_new_tokens=8)
         assert batched.token_ids == alone.token_ids
 
 

@@ -14,7 +14,8 @@ from rich.console import Console
 from loramix import __version__
 from loramix.errors import LoramixError
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
-from loramix.router import ROUTE_HELP
+from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP
+from loramix.training import TrainConfig
 
 app = typer.Typer(
     help="Token-level adaptation of LoRA adapters: train experts, build the router, generate with per-token routing.",
@@ -24,6 +25,8 @@ app = typer.Typer(
 )
 router_app = typer.Typer(help="Build the centroid router of a bundle.", no_args_is_help=True)
 app.add_typer(router_app, name="router")
+bundle_app = typer.Typer(help="List, add or remove a bundle's experts.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -64,6 +67,10 @@ def train(
     rank: Annotated[int, typer.Option(help="LoRA rank (paper: 64; 16 keeps CPU experts small).")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="lora_alpha (paper: 16).")] = 16.0,
     dropout: Annotated[float, typer.Option(help="LoRA dropout (paper: 0.1).")] = 0.1,
+    target_modules: Annotated[
+        str,
+        typer.Option(help="Comma-separated Linear layers to adapt (paper: q_proj,v_proj; GPT-NeoX: query_key_value)."),
+    ] = ",".join(TrainConfig.target_modules),
     max_examples: Annotated[int, typer.Option(help="Training examples, a seeded sample of the train split.")] = 1000,
     epochs: Annotated[float, typer.Option(help="Passes over the examples.")] = 1.0,
     max_steps: Annotated[int, typer.Option(help="Optimizer steps; overrides --epochs when positive.")] = -1,
@@ -77,10 +84,11 @@ def train(
     force: Annotated[bool, typer.Option(help="Retrain even if OUT holds an expert or other checkpoints.")] = False,
 ) -> None:
     """Train one LoRA expert on one task (resumes if interrupted)."""
-    from loramix.training import TrainConfig, train_expert
+    from loramix.training import train_expert
 
     config = TrainConfig(
-        task=task, base_model=base, rank=rank, lora_alpha=alpha, dropout=dropout, max_examples=max_examples,
+        task=task, base_model=base, rank=rank, lora_alpha=alpha, dropout=dropout,
+        target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()), max_examples=max_examples,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, learning_rate=lr, max_length=max_length,
         seed=seed, save_steps=save_steps, bf16=bf16,
     )  # fmt: skip
@@ -91,39 +99,50 @@ def train(
     )
 
 
-def _parse_experts(values: list[str]) -> dict[str, Path] | None:
-    if not values:
-        return None
-    experts = {}
+def _name_value_pairs(values: list[str], flag: str, what: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
     for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise LoramixError(f"--expert takes NAME=DIR, got '{value}'.")
-        if name in experts:
-            raise LoramixError(f"--expert names '{name}' twice.")
-        experts[name] = Path(path)
-    return experts
+        name, sep, target = value.partition("=")
+        if not sep or not name or not target:
+            raise LoramixError(f"{flag} takes NAME={what}, got '{value}'.")
+        if name in pairs:
+            raise LoramixError(f"{flag} names '{name}' twice.")
+        pairs[name] = target
+    return pairs
+
+
+Experts = Annotated[
+    list[str],
+    typer.Option("--expert", help="NAME=ADAPTER_DIR (a PEFT LoRA folder), repeatable (default: BUNDLE/experts/*)."),
+]
+Texts = Annotated[
+    list[str],
+    typer.Option(
+        "--texts",
+        help="NAME=SOURCE, repeatable: the texts that describe expert NAME to the router, a task "
+        "(gsm8k, arc, squad, codealpaca) or a .jsonl/.txt/.csv file of example prompts (default: its task).",
+    ),
+]
+MaxExamples = Annotated[int | None, typer.Option(help="Texts per expert for its centroid (default all).")]
 
 
 @router_app.command("build")
 def router_build(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder to create or refresh.")],
-    expert: Annotated[
-        list[str], typer.Option("--expert", help="NAME=DIR, repeatable (default: every folder in BUNDLE/experts).")
-    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    expert: Experts = [],  # noqa: B006 - typer reads the default, never mutates it
+    texts: Texts = [],  # noqa: B006
     base: Annotated[str, typer.Option(help="Base model the experts were trained on.")] = DEFAULT_BASE_MODEL,
     embedder: Annotated[str, typer.Option(help="Sentence embedder for routing.")] = DEFAULT_EMBEDDER,
-    max_examples: Annotated[
-        int | None, typer.Option(help="Training texts per task for the centroid (default all).")
-    ] = None,
+    max_examples: MaxExamples = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Embed each expert's task training texts, store the centroids, write bundle.json."""
+    """Build both routers (text centroids and hidden-state centroids) from each expert's texts; write bundle.json."""
     from loramix.bundle import build_bundle
 
+    experts = _name_value_pairs(expert, "--expert", "DIR") or None
     result = build_bundle(
-        bundle, _parse_experts(expert), base_model=base, embedder=embedder, data=data_dir,
-        max_examples=max_examples, progress=True,
+        bundle, experts, base_model=base, embedder=embedder, data=data_dir, max_examples=max_examples,
+        progress=True, texts=_name_value_pairs(texts, "--texts", "SOURCE"),
     )  # fmt: skip
     counts = ", ".join(f"{k}: {v}" for k, v in result.info["router_examples"].items())
     console.print(f"[green]bundle written to {bundle}[/] (experts {', '.join(result.expert_names)}; texts {counts})")
@@ -146,12 +165,64 @@ def router_hidden(
     console.print(f"[green]hidden-state centroids written to {path}[/]")
 
 
+BundleArg = Annotated[Path, typer.Argument(help="Bundle folder.")]
+
+
+@bundle_app.command("list")
+def bundle_list(
+    bundle: BundleArg, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False
+) -> None:
+    """The bundle's experts: their router texts, rank, alpha, scaling and adapted modules."""
+    from rich.table import Table
+
+    from loramix.bundle import Bundle, describe_experts
+
+    rows = describe_experts(bundle)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    loaded = Bundle.load(bundle)
+    table = Table(title=f"{bundle}: base {loaded.base_model}, embedder {Path(loaded.embedder).name}")
+    for column in rows[0]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+
+
+@bundle_app.command("add")
+def bundle_add(
+    bundle: BundleArg,
+    expert: Annotated[str, typer.Option("--expert", help="NAME=ADAPTER_DIR: the PEFT LoRA folder to add.")],
+    texts: Annotated[
+        str | None, typer.Option(help="A task or a .jsonl/.txt/.csv file of example prompts (default: its task).")
+    ] = None,
+    max_examples: MaxExamples = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Add one expert; only its own router rows are built, the others' are kept."""
+    from loramix.bundle import add_expert
+
+    ((name, adapter),) = _name_value_pairs([expert], "--expert", "DIR").items()
+    result = add_expert(bundle, name, adapter, texts, data_dir, max_examples)
+    console.print(f"[green]added '{name}' to {bundle}[/] (experts {', '.join(result.expert_names)})")
+
+
+@bundle_app.command("remove")
+def bundle_remove(bundle: BundleArg, name: Annotated[str, typer.Argument(help="The expert to remove.")]) -> None:
+    """Remove one expert (its folder and router rows); the others' rows are kept."""
+    from loramix.bundle import remove_expert
+
+    result = remove_expert(bundle, name)
+    console.print(f"[green]removed '{name}' from {bundle}[/] (experts {', '.join(result.expert_names)})")
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts ('-' reads one from stdin).")],
     bundle: BundleDir = None,
-    every_k: Annotated[int, typer.Option("--every-k", help="Re-route every k generated tokens.")] = 2,
-    route: Annotated[str, typer.Option(help=ROUTE_HELP)] = "paper",
+    every_k: Annotated[int, typer.Option("--every-k", help="Re-route every k generated tokens.")] = DEFAULT_EVERY_K,
+    route: Annotated[str, typer.Option(help=ROUTE_HELP)] = DEFAULT_ROUTE,
     merge: Annotated[str, typer.Option(help="exact, linear (PEFT >= 0.7) or paper (PEFT 0.4.0).")] = "exact",
     decode: Annotated[
         str, typer.Option(help="cached (keep the KV cache) or recompute (re-run the text after each re-route).")
@@ -498,13 +569,14 @@ def loadtest(
 @app.command()
 def demo(
     bundle: BundleDir = None,
-    every_k: Annotated[int, typer.Option("--every-k")] = 2,
+    every_k: Annotated[int, typer.Option("--every-k", help="Re-route every k generated tokens.")] = DEFAULT_EVERY_K,
+    route: Annotated[str, typer.Option(help=ROUTE_HELP)] = DEFAULT_ROUTE,
     data_dir: DataDir = None,
 ) -> None:
     """One held-out prompt per task through token-level routing, with the trace."""
     from loramix.demo import run_demo
 
-    run_demo(bundle, every_k, console, data_dir)
+    run_demo(bundle, every_k, console, data_dir, route=route)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from rich.rule import Rule
 from loramix.bundle import BUNDLE_FILE, build_bundle, default_bundle_path, quick_bundle_path
 from loramix.errors import LoramixError
 from loramix.paths import data_dir
+from loramix.router import DEFAULT_ROUTE
 from loramix.tasks import TASKS, Example, Task
 from loramix.training import TrainConfig, train_expert
 
@@ -69,14 +70,21 @@ def demo_examples(data: str | Path | None = None) -> tuple[list[tuple[Task, Exam
     return [(task, task.load(root, "test")[0]) for task in TASKS.values()], f"held-out test items from {root}"
 
 
-def run_demo(bundle: str | Path | None, every_k: int, console: Console, data: str | Path | None = None) -> None:
+def run_demo(
+    bundle: str | Path | None,
+    every_k: int,
+    console: Console,
+    data: str | Path | None = None,
+    route: str = DEFAULT_ROUTE,
+) -> None:
     from loramix.display import legend, timing_line, trace, weights_summary
     from loramix.generation import MixtureModel
 
     root = Path(bundle) if bundle else ensure_bundle(console, data)
     mixture = MixtureModel.from_bundle(root)
     console.print(
-        f"bundle: {root}  (base {mixture.bundle.base_model}, merge {mixture.merge}, re-route every {every_k} tokens)"
+        f"bundle: {root}  (base {mixture.bundle.base_model}, merge {mixture.merge}, route {route}, "
+        f"re-route every {every_k} tokens)"
     )
     console.print(legend(mixture.expert_names))
     examples, origin = demo_examples(data)
@@ -87,6 +95,7 @@ def run_demo(bundle: str | Path | None, every_k: int, console: Console, data: st
         result = mixture.generate(
             example.prompt,
             every_k=every_k,
+            route=route,
             max_new_tokens=min(task.max_new_tokens, DEMO_MAX_NEW_TOKENS),
             stop=task.stop,
         )

@@ -18,6 +18,7 @@ import inspect
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -152,12 +153,13 @@ class MixtureModel:
             if self.hidden_router is None:
                 raise LoramixError(
                     f"Route '{options.route}' needs the bundle's hidden-state centroids ({HIDDEN_ROUTER_FILE}); "
-                    "build them with `loramix router hidden BUNDLE`."
+                    "build them with `loramix router hidden BUNDLE`, or choose a text route such as --route paper."
                 )
-            if policy.hidden_layer > self.hidden_router.n_layers:
-                raise LoramixError(
-                    f"Route '{options.route}': this base model has {self.hidden_router.n_layers} layers."
-                )
+            layers = self.hidden_router.n_layers
+            if not -layers <= policy.hidden_layer <= layers:
+                raise LoramixError(f"Route '{options.route}': this base model has {layers} layers.")
+            if policy.hidden_layer < 0:  # counted back from the last layer
+                policy = replace(policy, hidden_layer=layers + 1 + policy.hidden_layer)
         if options.merge is not None:
             self.state.check_mode(options.merge)
         if isinstance(prompt, str):

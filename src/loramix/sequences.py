@@ -15,7 +15,7 @@ import torch
 
 from loramix.errors import LoramixError
 from loramix.mixture import MERGE_MODES
-from loramix.router import RouteMemory, RoutePolicy
+from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, RouteMemory, RoutePolicy
 
 DECODE_MODES = ("cached", "recompute")
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
@@ -23,8 +23,8 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    every_k: int = 2
-    route: str = "paper"
+    every_k: int = DEFAULT_EVERY_K
+    route: str = DEFAULT_ROUTE
     decode: str = "cached"
     max_new_tokens: int = 128
     min_new_tokens: int = 0

@@ -39,7 +39,7 @@ from loramix.openai_api import (
     routing_trace,
     usage,
 )
-from loramix.router import parse_route
+from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, parse_route
 from loramix.sequences import GenerationOptions, SequenceState, TokenEvent
 from loramix.telemetry import ServerMetrics
 
@@ -56,8 +56,8 @@ class ServeSettings:
     max_queue: int = 64  # sequences waiting beyond the running batch; more are answered 429
     max_new_tokens_limit: int = 512  # the largest max_tokens a request may ask for
     merge: str = "exact"  # merge mode of requests that do not choose one
-    every_k: int = 2  # re-route every k tokens, for requests that do not say
-    route: str = "paper"  # routing rule of the `loramix` model, for requests that do not say
+    every_k: int = DEFAULT_EVERY_K  # re-route every k tokens, for requests that do not say
+    route: str = DEFAULT_ROUTE  # routing rule of the `loramix` model, for requests that do not say
     decode: str = "cached"
     embedder_dtype: str = "auto"
 

@@ -60,10 +60,11 @@ class TrainConfig:
             "learning_rate": self.learning_rate > 0,
             "max_length": self.max_length > 8,
             "epochs": self.epochs > 0 or self.max_steps > 0,
+            "target_modules": len(self.target_modules) > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise LoramixError(f"Invalid training settings: {', '.join(bad)} must be positive.")
+            raise LoramixError(f"Invalid training settings: {', '.join(bad)} must be positive (or non-empty).")
 
 
 def select_examples(examples: list[Example], max_examples: int, seed: int) -> list[Example]:
@@ -142,6 +143,18 @@ def _guard_resume(checkpoints: Path, config: TrainConfig, force: bool) -> Path |
     return resume
 
 
+def check_target_modules(model: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    """Refuse target modules this base model has no Linear layers for, naming the ones it has."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in targets if t not in linear_names]
+    if missing:
+        choices = ", ".join(sorted(linear_names - {"lm_head"}))
+        raise LoramixError(
+            f"This base model ({model.config.model_type}) has no Linear layers named {', '.join(missing)}. "
+            f"Choose --target-modules among: {choices}."
+        )
+
+
 def train_expert(
     config: TrainConfig, out: str | Path, data: str | Path | None = None, force: bool = False, quiet: bool = False
 ) -> dict:
@@ -163,6 +176,7 @@ def train_expert(
     examples = select_examples(task.load(data_dir(data), "train"), config.max_examples, config.seed)
     model, tokenizer = load_base_model(config.base_model)
     signature = base_model_signature(model)
+    check_target_modules(model, config.target_modules)
     rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
     kept = [e for e, r in zip(examples, rows) if r is not None]
     rows = [r for r in rows if r is not None]
