@@ -29,7 +29,7 @@ from loramix.hidden_router import (
 )
 from loramix.mixture import attach_experts, detach_experts
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, base_model_signature, load_base_model
-from loramix.paths import REPO_ROOT, loramix_home
+from loramix.paths import PACKAGE_ROOT, loramix_home
 from loramix.router import Embedder, build_centroids, load_centroids, save_centroids
 from loramix.router_texts import HIDDEN_EXAMPLES, load_router_texts
 from loramix.tasks import TASKS
@@ -155,7 +155,7 @@ def check_same_base(experts: list[ExpertAdapter], signature: str, base_name: str
 
 def packaged_bundle_path() -> Path:
     """The trained default bundle that ships with the project (may not exist yet)."""
-    return REPO_ROOT / "bundles" / "smollm2-135m"
+    return PACKAGE_ROOT / "bundles" / "smollm2-135m"  # package data: there in a checkout and in an installed wheel
 
 
 def quick_bundle_path() -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.errors import LoramixError
 from loramix.generation import GenerationResult
+from loramix.hub import HubData
 from loramix.metrics import choose_by_loglik, score
 from loramix.mixture import MERGE_MODES
 from loramix.paths import data_dir
@@ -164,8 +165,9 @@ def generation_budget(task: str, cap: int | None) -> int:
 
 
 def item_key(
-    config: EvalConfig, task: str, bundle: Bundle, fingerprint: BundleFingerprint, split: str, cap: int | None = None
-) -> str:
+    config: EvalConfig, task: str, bundle: Bundle, fingerprint: BundleFingerprint, split: str, cap: int | None = None,
+    hub_data: str | None = None,
+) -> str:  # fmt: skip
     """A hash of everything an item's result depends on, and nothing else (so changes redo only what they touch)."""
     spec = get_task(task)
     parts: dict = {
@@ -176,6 +178,8 @@ def item_key(
         "scoring": KEY_SCORING_FIELD,
         "base": fingerprint.base,
     }
+    if hub_data is not None:  # data from the Hub: never the same items as the data folder's (added only here)
+        parts["data"] = hub_data
     if config.kind != "base":
         used = (
             [config.route_for(task, bundle).split(":", 1)[1]]
@@ -187,7 +191,7 @@ def item_key(
         parts["merge"] = config.merge
     if config.kind in ("prompt", "tla"):
         parts |= {"router": fingerprint.router, "route": config.route_for(task, bundle)}
-        if config.route.startswith("hidden:"):  # added only here, so every other key stays as it was
+        if config.route.startswith("hidden"):  # added only here, so every other key stays as it was
             parts["hidden_router"] = fingerprint.hidden_router
     if config.kind == "tla":
         parts |= {"k": config.every_k, "decode": config.decode}
@@ -454,7 +458,8 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
         for task in plan.tasks:
             if config.kind == "oracle":
                 oracle_expert(bundle, task)  # fail early with a clear message
-            key = item_key(config, task, bundle, fingerprint, plan.split, plan.max_new_tokens)
+            hub_data = get_task(task).data_name(root) if isinstance(root, HubData) else None
+            key = item_key(config, task, bundle, fingerprint, plan.split, plan.max_new_tokens, hub_data)
             _refuse_mixed_settings(store.folder, stored_keys[(config.name, task)], config.name, task, key)
             work += [(task, key, e) for e in examples[task][rank::world]]
         plan_of_work.append((config, work))
@@ -462,7 +467,8 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
         # filtered only now: configs can share a key (expert:E on E's task is the oracle), scored once
         work = [(task, key, e) for task, key, e in work if not store.has(key, e.id)]
         if work:
-            _run_config(config, work, engines, store, plan.batch_size, progress, on_batch)
+            data_names = {task: get_task(task).data_name(root) for task in plan.tasks}
+            _run_config(config, work, engines, store, plan.batch_size, progress, on_batch, data_names)
     return store
 
 
@@ -471,12 +477,12 @@ def _refuse_mixed_settings(folder: Path, stored: set[str], config: str, task: st
     if stored - {key}:
         raise LoramixError(
             f"{folder} already holds '{config}' results on {task} from a run with other settings (another "
-            "bundle, split, --max-new-tokens or scoring version), and one report cannot mix them. Write this run "
-            f"to another --out, or move the items*.jsonl files in {folder} away to start over."
+            "bundle, split, data origin, --max-new-tokens or scoring version), and one report cannot mix them. "
+            f"Write this run to another --out, or move the items*.jsonl files in {folder} away to start over."
         )
 
 
-def _run_config(config, work, engines, store, batch_size, progress, on_batch) -> None:
+def _run_config(config, work, engines, store, batch_size, progress, on_batch, data_names) -> None:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -504,7 +510,10 @@ def _run_config(config, work, engines, store, batch_size, progress, on_batch) ->
                 began = time.perf_counter()
                 results = engines.generate(config, task, [e.prompt for _, e in batch], candidates)
                 seconds = (time.perf_counter() - began) / len(batch)
-                store.append(_record(config, key, task, e, r, seconds) for (key, e), r in zip(batch, results))
+                store.append(
+                    _record(config, key, task, e, r, seconds) | {"data": data_names[task]}
+                    for (key, e), r in zip(batch, results)
+                )
                 bar.advance(handle, len(batch))
                 if on_batch is not None:
                     on_batch(config, task, len(batch))

@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 from loramix.errors import LoramixError
+from loramix.hub import HubData
 
-# The repository root when running from a checkout (src/loramix/paths.py -> repo root).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = Path(__file__).resolve().parent  # the installed package (package data lives here)
+# The repository root when running from a checkout (src/loramix/paths.py -> repo root); else None (installed).
+REPO_ROOT: Path | None = PACKAGE_ROOT.parents[1] if (PACKAGE_ROOT.parents[1] / "pyproject.toml").is_file() else None
 
 
 def loramix_home() -> Path:
@@ -26,11 +28,18 @@ def shown_path(path: Path) -> str:
 
 
 def _default_data_candidates() -> list[Path]:
-    return [Path.cwd() / ".." / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
+    beside_checkout = [REPO_ROOT.parent / "shared" / "data"] if REPO_ROOT else []
+    return [Path.cwd() / ".." / "shared" / "data", *beside_checkout]
 
 
-def data_dir(override: str | Path | None = None) -> Path:
-    """Task data directory: the override, else `$LORAMIX_DATA`, else `../shared/data` if it exists."""
+def data_dir(override: str | Path | None = None) -> Path | HubData:
+    """Where task data comes from: the override, else `$LORAMIX_DATA`, else `../shared/data` if it exists.
+
+    Each of the first two is a folder, or `hub` / `hub:MIRROR` for the Hugging Face Hub (`loramix.hub`)."""
+    for spec in (override, os.environ.get("LORAMIX_DATA") if override is None else None):
+        hub = HubData.parse(str(spec)) if spec else None
+        if hub is not None:
+            return hub
     if override is not None:
         chosen = Path(override).expanduser()
         source = "--data-dir"
@@ -43,7 +52,8 @@ def data_dir(override: str | Path | None = None) -> Path:
                 return candidate.resolve()
         raise LoramixError(
             "No task data directory found. Pass --data-dir DIR or set LORAMIX_DATA to a folder holding "
-            "gsm8k/, arc_challenge/, squad_v1.1/ and codealpaca/ (see README, 'Data')."
+            "gsm8k/, arc_challenge/, squad_v1.1/ and codealpaca/, or --data-dir hub to load the tasks from the "
+            "Hugging Face Hub (see README, 'Data')."
         )
     if not chosen.is_dir():
         raise LoramixError(f"The data directory {chosen} (from {source}) does not exist.")

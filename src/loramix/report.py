@@ -361,6 +361,14 @@ def answer_loss_matrix(records: list[dict]) -> dict:
 # ---- writing ----
 
 
+def data_origins(records: list[dict]) -> dict[str, list[str]]:
+    """Per task, the data its items came from (records before this field existed came from the data folder)."""
+    origins: dict[str, set[str]] = {}
+    for record in records:
+        origins.setdefault(record["task"], set()).add(record.get("data") or TASKS[record["task"]].offline_data)
+    return {task: sorted(names) for task, names in origins.items()}
+
+
 def write_report(out: Path, meta: dict | None = None) -> dict:
     """Write results.json, results.md and plots into `out` from the items there; returns the results."""
     records = load_records(out)
@@ -378,6 +386,7 @@ def write_report(out: Path, meta: dict | None = None) -> dict:
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **(meta or {}),
         },
+        "data": data_origins(records),
         "table": summarise(scores),
         "paired": paired_comparisons(scores),
         "own_expert_vs_base": own_expert_gains(scores),
@@ -424,6 +433,8 @@ def render_markdown(scores: Scores, results: dict, plots: list[str]) -> str:
     labels = {"bundle": "bundle", "base_model": "base model", "split": "split", "command": "report written by",
               "git_revision": "git revision", "machine": "machine", "written": "written"}  # fmt: skip
     lines += [f"- {label}: `{meta[key]}`" for key, label in labels.items() if meta.get(key) is not None]
+    origins = "; ".join(f"{TASKS[t].title}: {', '.join(names)}" for t, names in results.get("data", {}).items())
+    lines += [f"- data: {origins}"] if origins else []
     if meta.get("base_model") == "smollm2-135m":
         lines += ["", DEVIATIONS]
     if not scores.configs:  # only `loramix specialist` has run

@@ -33,6 +33,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_revision() -> str | None:
+    if REPO_ROOT is None:  # an installed wheel: no repository to ask
+        return None
     try:
         done = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10

@@ -5,9 +5,7 @@ Some items label their options 1-4 instead of A-D; labels are normalised to lett
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from loramix.tasks.base import Example, Task, read_jsonl, require_file
+from loramix.tasks.base import DataSource, Example, HubData, Task, read_jsonl, require_file
 
 SPLIT_FILES = {
     "train": "ARC-Challenge-Train.jsonl",
@@ -27,10 +25,28 @@ def render_prompt(stem: str, choices: list[tuple[str, str]]) -> str:
     return f"Question: {stem}\nChoices: {options}\n\nAnswer:"
 
 
-def load(data_dir: Path, split: str) -> list[Example]:
-    path = require_file(data_dir / "arc_challenge" / SPLIT_FILES[split], f"ARC-Challenge {split} file")
+def rows(source: DataSource, split: str) -> list[dict]:
+    """Rows in the shape of AI2's own files; the Hub's flat rows (choices as two lists) are reshaped to it."""
+    if isinstance(source, HubData):
+        return [
+            {
+                "id": row["id"],
+                "question": {
+                    "stem": row["question"],
+                    "choices": [
+                        {"label": a, "text": b} for a, b in zip(row["choices"]["label"], row["choices"]["text"])
+                    ],
+                },
+                "answerKey": row["answerKey"],
+            }
+            for row in source.rows("allenai/ai2_arc", "ARC-Challenge", split)
+        ]
+    return read_jsonl(require_file(source / "arc_challenge" / SPLIT_FILES[split], f"ARC-Challenge {split} file"))
+
+
+def load(source: DataSource, split: str) -> list[Example]:
     examples = []
-    for row in read_jsonl(path):
+    for row in rows(source, split):
         choices = [(normalise_label(c["label"]), c["text"]) for c in row["question"]["choices"]]
         answer = normalise_label(row["answerKey"])
         examples.append(
@@ -52,4 +68,6 @@ TASK = Task(
     splits=("train", "validation", "test"),
     max_new_tokens=4,
     stop=("\n",),
+    offline_data="ARC-Challenge jsonl (AI2)",
+    hub_data="allenai/ai2_arc ARC-Challenge",
 )

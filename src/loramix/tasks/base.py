@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramix.errors import LoramixError
+from loramix.hub import HubData
+
+DataSource = Path | HubData  # a task data folder, or the Hugging Face Hub (`loramix.hub`)
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,18 @@ class Task:
 
     name: str
     title: str
-    loader: Callable[[Path, str], list[Example]]
+    loader: Callable[[DataSource, str], list[Example]]
     splits: tuple[str, ...]
     max_new_tokens: int  # generation budget that fits the task's answers
     stop: tuple[str, ...] = field(default=())  # text after which an answer is complete
+    offline_data: str = ""  # what the data folder holds for this task
+    hub_data: str = ""  # the Hub dataset it loads instead with --data-dir hub
 
-    def load(self, data_dir: Path, split: str) -> list[Example]:
+    def data_name(self, source: DataSource) -> str:
+        """Which data a split comes from, named in every result so data of the two origins never mix."""
+        return f"hub {self.hub_data}" if isinstance(source, HubData) else self.offline_data
+
+    def load(self, data_dir: DataSource, split: str) -> list[Example]:
         splits = self.splits if "validation" in self.splits else (*self.splits, "validation")
         if split not in splits:
             raise LoramixError(f"Task '{self.name}' has no split '{split}'; choose one of {', '.join(splits)}.")

@@ -1,6 +1,7 @@
 """CodeAlpaca instructions: `{instruction}\nInput: {input}\n\nAnswer: {output}` (no Input line when empty).
 
-The 20k set is not available offline; the 2k file from the same repository stands in. It is split
+The 20k set is not available offline; the 2k file from the same repository stands in. From the Hub
+(`--data-dir hub`) the 20k set is used, its items named codealpaca20k/N so the two never mix. Either is split
 90/10: indices shuffled with random.Random(0), the first 90% train, the rest test.
 """
 
@@ -8,10 +9,9 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 from loramix.errors import LoramixError
-from loramix.tasks.base import Example, Task, require_file
+from loramix.tasks.base import DataSource, Example, HubData, Task, require_file
 
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.9
@@ -30,15 +30,22 @@ def split_indices(count: int, split: str) -> list[int]:
     return sorted(order[:cut] if split == "train" else order[cut:])
 
 
-def load(data_dir: Path, split: str) -> list[Example]:
-    path = require_file(data_dir / "codealpaca" / "code_alpaca_2k.json", "CodeAlpaca file")
+def all_rows(source: DataSource) -> tuple[str, list[dict]]:
+    """(id prefix, every row) of the 2k file, or of the Hub's 20k set."""
+    if isinstance(source, HubData):
+        return "codealpaca20k", source.rows("sahil2801/CodeAlpaca-20k", None, "train")
+    path = require_file(source / "codealpaca" / "code_alpaca_2k.json", "CodeAlpaca file")
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        return "codealpaca", json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise LoramixError(f"{path} is not valid JSON ({exc.msg}).") from exc
+
+
+def load(source: DataSource, split: str) -> list[Example]:
+    prefix, rows = all_rows(source)
     return [
         Example(
-            id=f"codealpaca/{index}",
+            id=f"{prefix}/{index}",
             prompt=render_prompt(rows[index]["instruction"], rows[index].get("input", "")),
             target=rows[index]["output"],
             references=(rows[index]["output"],),
@@ -54,4 +61,6 @@ TASK = Task(
     splits=("train", "test"),
     max_new_tokens=192,
     stop=("\n\n\n",),
+    offline_data="CodeAlpaca 2k, 90/10",
+    hub_data="sahil2801/CodeAlpaca-20k, 90/10",
 )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from loramix.tasks.base import Example, Task, read_jsonl, require_file
+from loramix.tasks.base import DataSource, Example, HubData, Task, read_jsonl, require_file
 
 
 def final_answer(solution: str) -> str:
@@ -16,8 +14,13 @@ def render_prompt(question: str) -> str:
     return f"Question: {question}\n\nAnswer:"
 
 
-def load(data_dir: Path, split: str) -> list[Example]:
-    path = require_file(data_dir / "gsm8k" / f"{split}.jsonl", f"GSM8K {split} file")
+def rows(source: DataSource, split: str) -> list[dict]:
+    if isinstance(source, HubData):
+        return source.rows("openai/gsm8k", "main", split)
+    return read_jsonl(require_file(source / "gsm8k" / f"{split}.jsonl", f"GSM8K {split} file"))
+
+
+def load(source: DataSource, split: str) -> list[Example]:
     return [
         Example(
             id=f"gsm8k/{split}/{index}",
@@ -25,7 +28,7 @@ def load(data_dir: Path, split: str) -> list[Example]:
             target=row["answer"],
             references=(final_answer(row["answer"]),),
         )
-        for index, row in enumerate(read_jsonl(path))
+        for index, row in enumerate(rows(source, split))
     ]
 
 
@@ -36,4 +39,6 @@ TASK = Task(
     splits=("train", "test"),
     max_new_tokens=256,
     stop=("\n\nQuestion:",),
+    offline_data="gsm8k train/test jsonl",
+    hub_data="openai/gsm8k main",
 )

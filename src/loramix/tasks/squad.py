@@ -1,19 +1,20 @@
 """SQuAD v1.1 reading comprehension: `Context:\n{context}\n\nQuestion: {question}\n\nAnswer: {answer}`.
 
-SQuAD v1.1 train is not available offline, so the dev set is split by article (never by question,
-which would leak contexts): in file order, every 4th article (index % 4 == 3) is held out for test,
-the rest is train. That is 36 training and 12 test articles.
+Test is the dev set's every 4th article (index % 4 == 3, in file order; 12 of 48), whichever way the data comes.
+Train differs: SQuAD v1.1 train is not available offline, so there it is the dev set's other 36 articles (never
+split by question, which would leak contexts); from the Hub (`--data-dir hub`) it is the real train split.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from itertools import groupby
 
 from loramix.errors import LoramixError
-from loramix.tasks.base import Example, Task, require_file
+from loramix.tasks.base import DataSource, Example, HubData, Task, require_file
 
 TEST_EVERY = 4
+HUB = ("rajpurkar/squad", "plain_text")
 
 
 def is_test_article(index: int) -> bool:
@@ -24,16 +25,39 @@ def render_prompt(context: str, question: str) -> str:
     return f"Context:\n{context}\n\nQuestion: {question}\n\nAnswer:"
 
 
-def load(data_dir: Path, split: str) -> list[Example]:
-    path = require_file(data_dir / "squad_v1.1" / "dev-v1.1.json", "SQuAD v1.1 dev file")
+def articles_from_rows(rows: list[dict]) -> list[dict]:
+    """The Hub's flat rows (one per question, in file order) back in the v1.1 file's nested shape."""
+    articles = []
+    for title, by_title in groupby(rows, key=lambda row: row["title"]):
+        paragraphs = []
+        for context, by_context in groupby(by_title, key=lambda row: row["context"]):
+            qas = [
+                {"id": r["id"], "question": r["question"], "answers": [{"text": t} for t in r["answers"]["text"]]}
+                for r in by_context
+            ]
+            paragraphs.append({"context": context, "qas": qas})
+        articles.append({"title": title, "paragraphs": paragraphs})
+    return articles
+
+
+def dev_articles(source: DataSource) -> list[dict]:
+    if isinstance(source, HubData):
+        return articles_from_rows(source.rows(*HUB, "validation"))
+    path = require_file(source / "squad_v1.1" / "dev-v1.1.json", "SQuAD v1.1 dev file")
     try:
-        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
+        return json.loads(path.read_text(encoding="utf-8"))["data"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise LoramixError(f"{path} is not a SQuAD v1.1 file ({exc}).") from exc
+
+
+def load(source: DataSource, split: str) -> list[Example]:
+    if isinstance(source, HubData) and split == "train":
+        articles = articles_from_rows(source.rows(*HUB, "train"))
+    else:
+        wanted = split == "test"
+        articles = [a for index, a in enumerate(dev_articles(source)) if is_test_article(index) == wanted]
     examples = []
-    for index, article in enumerate(articles):
-        if is_test_article(index) != (split == "test"):
-            continue
+    for article in articles:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 answers = tuple(a["text"] for a in qa["answers"])
@@ -55,4 +79,6 @@ TASK = Task(
     splits=("train", "test"),
     max_new_tokens=32,
     stop=("\n",),
+    offline_data="squad v1.1 dev split by article (train: 36 articles, test: 12)",
+    hub_data="rajpurkar/squad (train: the real train split; test: the same 12 dev articles)",
 )
