@@ -90,6 +90,13 @@ def test_an_expert_without_texts_or_task_is_refused_with_the_flag_to_use(tiny_ba
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
+def test_an_adapter_that_is_neither_a_folder_nor_reachable_on_the_hub_says_so(tiny_base, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network in tests
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(LoramixError, match="'someone/no-such-lora' is not a local folder, and fetching it"):
+        build_bundle(tmp_path / "b", {"x": "someone/no-such-lora"}, base_model=str(tiny_base), texts={"x": "gsm8k"})
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

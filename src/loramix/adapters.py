@@ -134,6 +134,24 @@ def _group_pairs(tensors: dict[str, torch.Tensor], rank: int, name: str) -> dict
     return pairs
 
 
+def adapter_folder(spec: str | Path) -> Path:
+    """A local adapter folder as given, or a Hugging Face Hub id (owner/name) fetched into the HF cache (which
+    also serves it offline once it is there)."""
+    path = Path(spec).expanduser()
+    text = str(spec)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_METADATA]))
+    except Exception as exc:  # offline, no such repo, no access: huggingface_hub raises many kinds
+        raise LoramixError(
+            f"'{text}' is not a local folder, and fetching it from the Hugging Face Hub failed "
+            f"({type(exc).__name__}: {exc}). Give the adapter's folder, or go online once to cache it."
+        ) from exc
+
+
 def load_expert(path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32) -> ExpertAdapter:
     """Load one PEFT LoRA adapter folder (fp16/bf16 storage is upcast to `dtype`)."""
     path = Path(path)

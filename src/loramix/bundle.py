@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from loramix import __version__
-from loramix.adapters import ExpertAdapter, load_expert
+from loramix.adapters import ExpertAdapter, adapter_folder, load_expert
 from loramix.errors import LoramixError
 from loramix.hidden_router import (
     HIDDEN_ROUTER_FILE,
@@ -282,7 +282,7 @@ def build_bundle(
     unknown = set(texts or {}) - set(experts)
     if unknown:
         raise LoramixError(f"--texts names {', '.join(sorted(unknown))}, which no --expert is called.")
-    adapters = [load_expert(Path(path), name) for name, path in experts.items()]
+    adapters = [load_expert(adapter_folder(path), name) for name, path in experts.items()]
     sources = {a.name: load_router_texts(_texts_source(a, texts or {}), data, max_examples) for a in adapters}
 
     model, tokenizer = load_base_model(base_model)
@@ -335,7 +335,7 @@ def add_expert(
     bundle = Bundle.load(root)
     if name in bundle.expert_names:
         raise LoramixError(f"The bundle already has an expert '{name}'; remove it first or choose another name.")
-    expert = load_expert(Path(adapter), name)
+    expert = load_expert(adapter_folder(adapter), name)
     source = load_router_texts(_texts_source(expert, {name: texts} if texts else {}), data, max_examples)
     model, tokenizer = load_base_model(bundle.base_model)
     check_same_base([expert], base_model_signature(model), bundle.base_model)

@@ -113,7 +113,7 @@ def _name_value_pairs(values: list[str], flag: str, what: str) -> dict[str, str]
 
 Experts = Annotated[
     list[str],
-    typer.Option("--expert", help="NAME=ADAPTER_DIR (a PEFT LoRA folder), repeatable (default: BUNDLE/experts/*)."),
+    typer.Option("--expert", help="NAME=ADAPTER (PEFT LoRA folder or Hub id), repeatable (default: BUNDLE/experts/*)."),
 ]
 Texts = Annotated[
     list[str],
@@ -193,7 +193,7 @@ def bundle_list(
 @bundle_app.command("add")
 def bundle_add(
     bundle: BundleArg,
-    expert: Annotated[str, typer.Option("--expert", help="NAME=ADAPTER_DIR: the PEFT LoRA folder to add.")],
+    expert: Annotated[str, typer.Option("--expert", help="NAME=ADAPTER: the PEFT LoRA folder (or Hub id) to add.")],
     texts: Annotated[
         str | None, typer.Option(help="A task or a .jsonl/.txt/.csv file of example prompts (default: its task).")
     ] = None,
