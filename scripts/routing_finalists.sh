@@ -5,9 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/smollm2-135m}
-FINALISTS=${FINALISTS:-"tla:k=1,route=hidden:29/softmax:0.05 prompt,route=top1 tla:k=1,route=hidden:2/top1"}
-for config in $FINALISTS; do
-  for task in gsm8k codealpaca arc squad; do
+# tla:k=256,route=hidden:29/softmax:0.05 routes the leader once, on the prompt (256 >= every task's budget): the
+# ablation that shows what re-routing every token changes (CodeAlpaca and SQuAD, where answers are long).
+RUNS=${RUNS:-"tla:k=1,route=hidden:29/softmax:0.05@gsm8k tla:k=256,route=hidden:29/softmax:0.05@codealpaca
+prompt,route=top1@gsm8k,codealpaca,arc,squad tla:k=256,route=hidden:29/softmax:0.05@squad
+tla:k=1,route=hidden:2/top1@gsm8k,codealpaca,arc,squad"}
+for run in $RUNS; do
+  config=${run%@*}
+  tasks=${run#*@}
+  for task in ${tasks//,/ }; do
     limit=""
     [ "$task" = gsm8k ] && limit=500
     echo "=== $task $config from $(date -u +%H:%M:%S)"
