@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from loramix.bundle import Bundle
+from loramix.bundle import Bundle, BundleFingerprint
 from loramix.errors import LoramixError
-from loramix.evaluation import BundleFingerprint, EvalConfig, EvalPlan, item_key, parse_configs, run_evaluation
+from loramix.evaluation import EvalConfig, EvalPlan, item_key, parse_configs, run_evaluation
 from loramix.generation import MixtureModel
 from loramix.metrics import PRIMARY_METRIC
 from loramix.report import (

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from loramix.bundle import Bundle, resolve_bundle
-from loramix.evaluation import BundleFingerprint, ItemStore
+from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.generation import MixtureModel, left_padded_positions
 from loramix.paths import data_dir
+from loramix.store import ItemStore
 from loramix.tasks import TASKS, Example, get_task
 
 LOSS_STEM = "answer_loss"
