@@ -122,3 +122,16 @@ def test_the_demo_runs_without_any_data_folder(tmp_path, monkeypatch):
     assert "shipped" in origin
     with pytest.raises(LoramixError, match="does not exist"):
         demo_examples(tmp_path / "typo")  # a folder the user named must exist
+
+
+def test_every_task_owns_its_scoring_and_primary_metric():
+    """What the evaluation needs of a task comes from the task: its scorer, the metric it is ranked by, the answer
+    letters (ARC) whose first-token likelihood picks an answer too."""
+    for task in TASKS.values():
+        example = Example(id="x", prompt="p", target="42", references=("42",), choices=("A", "B"))
+        scores = task.score("42", example)
+        assert task.primary_metric in scores and all(0.0 <= v <= 1.0 for v in scores.values()), task.name
+    assert TASKS["arc"].answer_letters == ("A", "B", "C", "D", "E")
+    assert [t.name for t in TASKS.values() if t.answer_letters] == ["arc"]
+    assert TASKS["arc"].score("B) carbon dioxide", Example("x", "p", "B", ("B",), ("A", "B"))) == {"accuracy": 1.0}
+    assert TASKS["gsm8k"].score("so 18.", Example("x", "p", "18", ("18",)))["flexible"] == 1.0

@@ -395,20 +395,20 @@ def specialist(
 def _print_results(results: dict) -> None:
     from rich.table import Table
 
-    from loramix.metrics import PRIMARY_METRIC
+    from loramix.tasks import TASKS
 
-    tasks = [t for t in PRIMARY_METRIC if any(t in row for row in results["table"].values())]
+    tasks = [t for t in TASKS if any(t in row for row in results["table"].values())]
     table = Table(title="primary metric x100 [95% CI]", title_justify="left")
     table.add_column("config")
     for task in tasks:
-        table.add_column(f"{task} ({PRIMARY_METRIC[task]})", justify="right")
+        table.add_column(f"{task} ({TASKS[task].primary_metric})", justify="right")
     table.add_column("average", justify="right")
     for config, row in results["table"].items():
         cells = []
         for key in [*tasks, "average"]:
             cell = row.get(key)
             if cell is not None and key != "average":
-                cell = cell["metrics"][PRIMARY_METRIC[key]]
+                cell = cell["metrics"][TASKS[key].primary_metric]
             cells.append(
                 f"{100 * cell['mean']:.1f} [{100 * cell['ci'][0]:.1f}, {100 * cell['ci'][1]:.1f}]" if cell else ""
             )

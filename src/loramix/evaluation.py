@@ -30,7 +30,7 @@ from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.errors import LoramixError
 from loramix.generation import GenerationResult
 from loramix.hub import HubData
-from loramix.metrics import choose_by_loglik, score
+from loramix.metrics import choose_by_loglik
 from loramix.mixture import MERGE_MODES
 from loramix.paths import data_dir
 from loramix.store import REQUIRED_FIELDS, ItemStore, parse_record
@@ -42,7 +42,6 @@ from loramix.tasks import TASKS, Example, get_task
 KEY_SCORING_FIELD = 1
 SCORING_VERSION = 2  # 2: ARC reads only a letter that stands alone; GSM8K normalises numbers as the harness does
 PAPER_CONFIGS = "base,oracle,tla:k=1,tla:k=2,tla:k=3,tla:k=4"
-ARC_LETTERS = ("A", "B", "C", "D", "E")
 OPTION_NAMES = ("decode", "merge", "route", "k")
 
 
@@ -216,8 +215,6 @@ def load_records(folder: Path) -> list[dict]:
 def rescore(folder: Path, data: Path | None, split: str = "test") -> list[dict]:
     """Score every stored prediction again with today's metrics (no generation), rewriting the item files in
     place; the log-likelihood choice (ARC) is kept. Returns per (config, task) how the primary metric moved."""
-    from loramix.metrics import PRIMARY_METRIC
-
     examples: dict[str, dict[str, Example]] = {}
     changes: dict[tuple[str, str], dict] = {}
     for path in sorted(Path(folder).glob("items*.jsonl")):
@@ -236,10 +233,10 @@ def rescore(folder: Path, data: Path | None, split: str = "test") -> list[dict]:
                     f"Item {record['id']} is not in {task}'s {split} split; pass the split it came from."
                 )
             old = record["scores"]
-            new = score(task, record["prediction"], example)
+            new = get_task(task).score(record["prediction"], example)
             if "loglik_accuracy" in old:
                 new["loglik_accuracy"] = old["loglik_accuracy"]
-            metric = PRIMARY_METRIC[task]
+            metric = get_task(task).primary_metric
             cell = changes.setdefault((record["config"], task), {"n": 0, "changed": 0, "old": 0.0, "new": 0.0})
             cell["n"] += 1
             cell["changed"] += int(old.get(metric) != new[metric])
@@ -277,17 +274,18 @@ class EvalPlan:
     embedder_dtype: str = "auto"  # routing-time embedder precision (see Embedder)
 
 
-def letter_token_ids(tokenizer) -> tuple[int, ...]:
-    """Token ids of ' A' ... ' E' for ARC log-likelihood; () if the tokenizer splits any of them (then the
-    report has no loglik_accuracy: scoring multi-token letters would need more forward passes)."""
-    ids = [tokenizer(" " + letter, add_special_tokens=False).input_ids for letter in ARC_LETTERS]
+def letter_token_ids(tokenizer, letters: tuple[str, ...]) -> tuple[int, ...]:
+    """Token ids of ' A' ... ' E' (a task's answer letters) for log-likelihood; () if the tokenizer splits any of
+    them (then the report has no loglik_accuracy: scoring multi-token letters would need more forward passes)."""
+    ids = [tokenizer(" " + letter, add_special_tokens=False).input_ids for letter in letters]
     return tuple(pieces[0] for pieces in ids) if all(len(pieces) == 1 for pieces in ids) else ()
 
 
 def _record(
     config: EvalConfig, key: str, task: str, example: Example, result: GenerationResult, seconds: float
 ) -> dict:
-    scores = score(task, result.text, example)
+    spec = get_task(task)
+    scores = spec.score(result.text, example)
     record = {
         "key": key,
         "config": config.name,
@@ -304,8 +302,8 @@ def _record(
         record["weights_mean"] = [round(w, 5) for w in result.weights.mean(dim=0).tolist()]
         record["reroutes"] = len(result.reroutes)
         record["frozen_reroutes"] = result.frozen_reroutes
-    if task == "arc" and result.first_token_logprobs is not None:
-        choice = choose_by_loglik(result.first_token_logprobs, example.choices, ARC_LETTERS)
+    if spec.answer_letters and result.first_token_logprobs is not None:
+        choice = choose_by_loglik(result.first_token_logprobs, example.choices, spec.answer_letters)
         record["loglik_choice"] = choice
         scores["loglik_accuracy"] = float(choice == example.references[0])
     return record
@@ -433,7 +431,8 @@ def _run_config(config, work, engines, store, batch_size, progress, on_batch, da
         handle = bar.add_task(config.name, total=len(work))
         for task in dict.fromkeys(task for task, _, _ in work):
             items = sorted(((k, e) for t, k, e in work if t == task), key=lambda pair: -len(pair[1].prompt))
-            candidates = letter_token_ids(engines.mixture.tokenizer) if task == "arc" else ()
+            letters = get_task(task).answer_letters
+            candidates = letter_token_ids(engines.mixture.tokenizer, letters) if letters else ()
             for start in range(0, len(items), batch_size):
                 batch = items[start : start + batch_size]
                 began = time.perf_counter()

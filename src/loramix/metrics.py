@@ -1,4 +1,5 @@
-"""Scoring one prediction against one task item; every function returns {metric name: value in [0, 1]}.
+"""The metrics: one prediction against one task item, each function returning {metric name: value in [0, 1]}.
+Each task (`loramix.tasks`) names its scorer and its primary metric.
 
 - GSM8K: exact match of the final number, exactly as lm-evaluation-harness does it: `strict` takes the number
   after `####`, `flexible` the last number anywhere in the output; commas, `$` and one final `.` are dropped from
@@ -16,9 +17,9 @@ from __future__ import annotations
 import collections
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from loramix.tasks import Example
+from loramix.tasks.base import Example  # the module, not the package: tasks import these scorers
 
 # ---- GSM8K ----
 
@@ -125,21 +126,6 @@ def score_codealpaca(prediction: str, example: Example) -> dict[str, float]:
         "bleu": BLEU(effective_order=True).sentence_score(prediction, [reference]).score / 100.0,
     }
     return {name: min(1.0, float(value)) for name, value in scores.items()}  # sacrebleu can round past 100
-
-
-SCORERS: dict[str, Callable[[str, Example], dict[str, float]]] = {
-    "gsm8k": score_gsm8k,
-    "arc": score_arc,
-    "squad": score_squad,
-    "codealpaca": score_codealpaca,
-}
-
-# The metric each task is ranked by in tables and claims (the first is the headline).
-PRIMARY_METRIC: dict[str, str] = {"gsm8k": "flexible", "arc": "accuracy", "squad": "f1", "codealpaca": "rougeL"}
-
-
-def score(task: str, prediction: str, example: Example) -> dict[str, float]:
-    return SCORERS[task](prediction, example)
 
 
 def choose_by_loglik(logprobs: Sequence[float], labels: Sequence[str], candidates: Sequence[str]) -> str:

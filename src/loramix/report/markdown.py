@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from loramix.metrics import PRIMARY_METRIC
 from loramix.report.claims import highest_as_shown
 from loramix.report.scores import Scores
 from loramix.tasks import TASKS
@@ -45,7 +44,7 @@ def render_markdown(scores: Scores, results: dict, plots: list[str], notes: str 
 
 
 def _titles(scores: Scores) -> dict[str, str]:
-    return {t: f"{TASKS[t].title} ({PRIMARY_METRIC[t]})" for t in scores.tasks}
+    return {t: f"{TASKS[t].title} ({TASKS[t].primary_metric})" for t in scores.tasks}
 
 
 def _header(results: dict, notes: str) -> list[str]:
@@ -79,7 +78,7 @@ def _main_table(scores: Scores, results: dict) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config in scores.configs:
         row = table[config]
-        cells = [_cell(row[t], PRIMARY_METRIC[t]) if t in row else "" for t in scores.tasks]
+        cells = [_cell(row[t], TASKS[t].primary_metric) if t in row else "" for t in scores.tasks]
         if len(scores.tasks) > 1:
             average = row.get("average")
             cells.append(_fmt(average) + (" *partial*" if average["partial"] else "") if average else "")
@@ -123,7 +122,7 @@ def _specialist_matrix(scores: Scores, results: dict) -> list[str]:
     own = results["meta"].get("oracle_experts", {})
     for config in [c for c in ("base",) if c in table] + experts:
         row, name = table[config], config.removeprefix("expert:")
-        cells = [_cell(row[t], PRIMARY_METRIC[t]) if t in row else "" for t in scores.tasks]
+        cells = [_cell(row[t], TASKS[t].primary_metric) if t in row else "" for t in scores.tasks]
         cells = [
             f"**{c}**" if c and own.get(t) == name and config != "base" else c for c, t in zip(cells, scores.tasks)
         ]

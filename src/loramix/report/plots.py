@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from loramix.metrics import PRIMARY_METRIC
 from loramix.report.claims import TLA_BEST_K
 from loramix.report.scores import Scores, k_of, tla_configs, variant_of
 from loramix.tasks import TASKS
@@ -24,7 +23,7 @@ def write_plots(out: Path, scores: Scores, results: dict) -> list[str]:
     if tla:
         figure, axes = plt.subplots(1, len(scores.tasks), figsize=(4 * len(scores.tasks), 3.4), squeeze=False)
         for axis, task in zip(axes[0], scores.tasks):
-            metric = PRIMARY_METRIC[task]
+            metric = TASKS[task].primary_metric
             for variant in dict.fromkeys(variant_of(c) for c in tla):
                 family = sorted((c for c in tla if variant_of(c) == variant and task in table[c]), key=k_of)
                 if not family:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loramix.metrics import PRIMARY_METRIC
 from loramix.report.stats import bootstrap_average_ci, bootstrap_mean_ci, mean_ci
 from loramix.tasks import TASKS
 
@@ -89,12 +88,12 @@ def summarise(scores: Scores) -> dict:
             if not cell:
                 continue
             ids, partial = scores.cell_ids(config, task)
-            primary_values.append(scores.values(config, task, PRIMARY_METRIC[task], ids))
+            primary_values.append(scores.values(config, task, TASKS[task].primary_metric, ids))
             metrics = sorted({m for s in cell.values() for m in s})
             row[task] = {
                 "n": len(ids),
                 "partial": partial,
-                "primary": PRIMARY_METRIC[task],
+                "primary": TASKS[task].primary_metric,
                 "metrics": {m: mean_ci(scores.values(config, task, m, ids)) for m in metrics},
                 "seconds": round(scores.seconds.get((config, task), 0.0), 1),
             }
@@ -121,7 +120,7 @@ def paired(scores: Scores, config: str, versus: str, task: str | None = None) ->
         ids = scores.common_ids(t, config, versus)
         if not ids:
             return None
-        metric = PRIMARY_METRIC[t]
+        metric = TASKS[t].primary_metric
         diffs.append(scores.values(config, t, metric, ids) - scores.values(versus, t, metric, ids))
     low, high = bootstrap_average_ci(diffs) if len(diffs) > 1 else bootstrap_mean_ci(diffs[0])
     return {

@@ -5,6 +5,7 @@ Some items label their options 1-4 instead of A-D; labels are normalised to lett
 
 from __future__ import annotations
 
+from loramix.metrics import score_arc
 from loramix.tasks.base import DataSource, Example, HubData, Task, read_jsonl, require_file
 
 SPLIT_FILES = {
@@ -65,6 +66,9 @@ TASK = Task(
     name="arc",
     title="ARC-Challenge",
     loader=load,
+    scorer=score_arc,
+    primary_metric="accuracy",
+    answer_letters=("A", "B", "C", "D", "E"),
     splits=("train", "validation", "test"),
     max_new_tokens=4,
     stop=("\n",),

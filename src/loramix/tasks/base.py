@@ -57,8 +57,15 @@ class Task:
     splits: tuple[str, ...]
     max_new_tokens: int  # generation budget that fits the task's answers
     stop: tuple[str, ...] = field(default=())  # text after which an answer is complete
+    scorer: Callable[[str, Example], dict[str, float]] | None = None  # prediction, item -> {metric: [0, 1]}
+    primary_metric: str = ""  # the metric tables and claims rank by
+    # option labels whose log-probability as the first answer token picks an answer too (ARC's letters)
+    answer_letters: tuple[str, ...] = ()
     offline_data: str = ""  # what the data folder holds for this task
     hub_data: str = ""  # the Hub dataset it loads instead with --data-dir hub
+
+    def score(self, prediction: str, example: Example) -> dict[str, float]:
+        return self.scorer(prediction, example)
 
     def data_name(self, source: DataSource) -> str:
         """Which data a split comes from, named in every result so data of the two origins never mix."""

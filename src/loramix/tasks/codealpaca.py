@@ -11,6 +11,7 @@ import json
 import random
 
 from loramix.errors import LoramixError
+from loramix.metrics import score_codealpaca
 from loramix.tasks.base import DataSource, Example, HubData, Task, require_file
 
 SPLIT_SEED = 0
@@ -58,6 +59,8 @@ TASK = Task(
     name="codealpaca",
     title="CodeAlpaca",
     loader=load,
+    scorer=score_codealpaca,
+    primary_metric="rougeL",
     splits=("train", "test"),
     max_new_tokens=192,
     stop=("\n\n\n",),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loramix.metrics import score_gsm8k
 from loramix.tasks.base import DataSource, Example, HubData, Task, read_jsonl, require_file
 
 
@@ -36,6 +37,8 @@ TASK = Task(
     name="gsm8k",
     title="GSM8K",
     loader=load,
+    scorer=score_gsm8k,
+    primary_metric="flexible",
     splits=("train", "test"),
     max_new_tokens=256,
     stop=("\n\nQuestion:",),

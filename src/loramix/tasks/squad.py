@@ -11,6 +11,7 @@ import json
 from itertools import groupby
 
 from loramix.errors import LoramixError
+from loramix.metrics import score_squad
 from loramix.tasks.base import DataSource, Example, HubData, Task, require_file
 
 TEST_EVERY = 4
@@ -76,6 +77,8 @@ TASK = Task(
     name="squad",
     title="SQuAD v1.1",
     loader=load,
+    scorer=score_squad,
+    primary_metric="f1",
     splits=("train", "test"),
     max_new_tokens=32,
     stop=("\n",),
