@@ -58,6 +58,24 @@ def test_info_json(tmp_path):
     assert os.path.isdir(report["embedder_path"])
 
 
+def run_in_process(*args: str) -> tuple[int, str, str]:
+    """`loramix ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from loramix import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["loramix", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as ended:
+            cli.main()
+    finally:
+        sys.argv = argv
+    return ended.value.code or 0, out.getvalue(), err.getvalue()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -70,9 +88,9 @@ def test_info_json(tmp_path):
     ],
 )
 def test_bad_generate_options_print_one_clear_error(tiny_bundle, args, message):
-    done = run_cli("generate", "Hello", "--bundle", str(tiny_bundle), "--max-new-tokens", "2", *args)
-    assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
+    code, _, err = run_in_process("generate", "Hello", "--bundle", str(tiny_bundle), "--max-new-tokens", "2", *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -80,21 +98,54 @@ def test_bad_generate_options_print_one_clear_error(tiny_bundle, args, message):
     [(["--max-batch", "0"], "--max-batch must be at least 1"), (["--route", "oracle:nobody"], "no expert named")],
 )
 def test_bad_serve_options_are_refused_before_loading(tiny_bundle, args, message):
-    done = run_cli("serve", "--bundle", str(tiny_bundle), "--port", "1", *args)
-    assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
+    code, _, err = run_in_process("serve", "--bundle", str(tiny_bundle), "--port", "1", *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
 def test_empty_prompt_and_missing_bundle(tiny_bundle, tmp_path):
-    done = run_cli("generate", "  ", "--bundle", str(tiny_bundle))
-    assert done.returncode == 2 and "empty" in done.stderr and "Traceback" not in done.stderr
-    done = run_cli("generate", "Hi", "--bundle", str(tmp_path / "nowhere"))
-    assert done.returncode == 2 and "not a bundle" in done.stderr and "Traceback" not in done.stderr
+    code, _, err = run_in_process("generate", "  ", "--bundle", str(tiny_bundle))
+    assert code == 2 and "empty" in err and "Traceback" not in err
+    code, _, err = run_in_process("generate", "Hi", "--bundle", str(tmp_path / "nowhere"))
+    assert code == 2 and "not a bundle" in err and "Traceback" not in err
 
 
 def test_router_build_rejects_malformed_expert_options(tmp_path):
-    done = run_cli("router", "build", str(tmp_path / "b"), "--expert", "no-equals-sign")
-    assert done.returncode == 2 and "NAME=DIR" in done.stderr
+    code, _, err = run_in_process("router", "build", str(tmp_path / "b"), "--expert", "no-equals-sign")
+    assert code == 2 and "NAME=DIR" in err
+
+
+def test_every_option_field_is_a_command_line_option_with_its_default(monkeypatch):
+    """The options dataclasses drive the command line: each field with help is a flag, its default the field's."""
+    import dataclasses
+
+    monkeypatch.setenv("COLUMNS", "300")  # no wrapped flag names in the help
+
+    from loramix.options import option_fields, options_from_values
+    from loramix.sequences import GenerationOptions
+    from loramix.training import TrainConfig
+
+    for command, cls in (("generate", GenerationOptions), ("train", TrainConfig)):
+        code, out, _ = run_in_process(command, "--help")
+        assert code == 0
+        for field in option_fields(cls):
+            assert field.metadata.get("flag", "--" + field.name.replace("_", "-")) in out, (command, field.name)
+    values = {f.name: f.default for f in option_fields(TrainConfig)} | {"target_modules": ["q_proj, k_proj", "o_proj"]}
+    config = options_from_values(TrainConfig, values, base=TrainConfig(task="arc"))
+    assert config.target_modules == ("q_proj", "k_proj", "o_proj") and config.task == "arc"
+    assert dataclasses.replace(config, target_modules=TrainConfig.target_modules) == TrainConfig(task="arc")
+
+
+def test_generate_takes_the_options_object_and_refuses_unknown_ones(tiny_mixture):
+    from loramix.errors import LoramixError
+    from loramix.sequences import GenerationOptions
+
+    options = GenerationOptions(max_new_tokens=3, min_new_tokens=3, route="uniform")
+    by_object = tiny_mixture.generate("Hi", options)
+    by_keyword = tiny_mixture.generate("Hi", max_new_tokens=3, min_new_tokens=3, route="uniform")
+    assert by_object.token_ids == by_keyword.token_ids and len(by_object.token_ids) == 3
+    with pytest.raises(LoramixError, match="Unknown generation option"):
+        tiny_mixture.generate("Hi", max_tokens=3)
 
 
 def test_a_report_names_a_bundle_inside_the_working_directory_by_a_relative_path(tmp_path, monkeypatch):

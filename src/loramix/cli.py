@@ -14,7 +14,9 @@ from rich.console import Console
 from loramix import __version__
 from loramix.errors import LoramixError
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
+from loramix.options import options_from_values, takes_options
 from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP
+from loramix.sequences import GenerationOptions
 from loramix.training import TrainConfig
 
 app = typer.Typer(
@@ -59,40 +61,23 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _train_config(values: dict) -> TrainConfig:
+    return options_from_values(TrainConfig, values, base=TrainConfig(task=values["task"]))
+
+
 @app.command()
+@takes_options(TrainConfig, make=_train_config)
 def train(
     task: Annotated[str, typer.Argument(help="gsm8k, arc, squad or codealpaca")],
     out: Annotated[Path, typer.Option("--out", help="Adapter folder to write (a standard PEFT adapter).")],
-    base: Annotated[str, typer.Option(help="Base model: an alias, a local folder or a HF id.")] = DEFAULT_BASE_MODEL,
-    rank: Annotated[int, typer.Option(help="LoRA rank (paper: 64; 16 keeps CPU experts small).")] = 16,
-    alpha: Annotated[float, typer.Option("--alpha", help="lora_alpha (paper: 16).")] = 16.0,
-    dropout: Annotated[float, typer.Option(help="LoRA dropout (paper: 0.1).")] = 0.1,
-    target_modules: Annotated[
-        str,
-        typer.Option(help="Comma-separated Linear layers to adapt (paper: q_proj,v_proj; GPT-NeoX: query_key_value)."),
-    ] = ",".join(TrainConfig.target_modules),
-    max_examples: Annotated[int, typer.Option(help="Training examples, a seeded sample of the train split.")] = 1000,
-    epochs: Annotated[float, typer.Option(help="Passes over the examples.")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps; overrides --epochs when positive.")] = -1,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 2e-4,
-    max_length: Annotated[int, typer.Option(help="Longest example in tokens; longer ones are skipped.")] = 512,
-    seed: int = 0,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (re-running resumes).")] = 20,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast (faster; adapter weights stay fp32).")] = True,
     data_dir: DataDir = None,
     force: Annotated[bool, typer.Option(help="Retrain even if OUT holds an expert or other checkpoints.")] = False,
+    options: TrainConfig = None,
 ) -> None:
     """Train one LoRA expert on one task (resumes if interrupted)."""
     from loramix.training import train_expert
 
-    config = TrainConfig(
-        task=task, base_model=base, rank=rank, lora_alpha=alpha, dropout=dropout,
-        target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()), max_examples=max_examples,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, learning_rate=lr, max_length=max_length,
-        seed=seed, save_steps=save_steps, bf16=bf16,
-    )  # fmt: skip
-    metadata = train_expert(config, out, data=data_dir, force=force)
+    metadata = train_expert(options, out, data=data_dir, force=force)
     console.print(
         f"[green]expert '{task}' saved to {out}[/]: {metadata['examples']} examples, {metadata['steps']} steps, "
         f"loss {metadata['train_loss']}, {metadata['train_seconds']}s"
@@ -218,41 +203,27 @@ def bundle_remove(bundle: BundleArg, name: Annotated[str, typer.Argument(help="T
 
 
 @app.command()
+@takes_options(GenerationOptions)
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts ('-' reads one from stdin).")],
     bundle: BundleDir = None,
-    every_k: Annotated[int, typer.Option("--every-k", help="Re-route every k generated tokens.")] = DEFAULT_EVERY_K,
-    route: Annotated[str, typer.Option(help=ROUTE_HELP)] = DEFAULT_ROUTE,
-    merge: Annotated[str, typer.Option(help="exact, linear (PEFT >= 0.7) or paper (PEFT 0.4.0).")] = "exact",
-    decode: Annotated[
-        str, typer.Option(help="cached (keep the KV cache) or recompute (re-run the text after each re-route).")
-    ] = "cached",
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
-    min_new_tokens: Annotated[int, typer.Option(help="End-of-sequence is suppressed before this many tokens.")] = 0,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; otherwise sample.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    stop: Annotated[list[str], typer.Option("--stop", help="Stop string, repeatable.")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
     show_trace: Annotated[
         bool, typer.Option("--trace", help="Colour tokens by dominant expert; show weights.")
     ] = False,
     embedder_dtype: EmbedderDtype = "auto",
+    options: GenerationOptions = None,
 ) -> None:
     """Generate with token-level routing."""
     from loramix.display import legend, timing_line, token_piece, trace, weights_summary
-    from loramix.generation import GenerationOptions, MixtureModel
+    from loramix.generation import MixtureModel
 
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
-    options = GenerationOptions(
-        every_k=every_k, route=route, decode=decode, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop),
-    )  # fmt: skip
     options.validate()
-    mixture = MixtureModel.from_bundle(bundle, merge=merge, embedder_dtype=embedder_dtype)
+    mixture = MixtureModel.from_bundle(bundle, embedder_dtype=embedder_dtype)
     names = mixture.expert_names
     if as_json or len(prompts) > 1:
-        results = mixture.generate(prompts, **vars(options))
+        results = mixture.generate(prompts, options)
         for result in results:
             if as_json:
                 print(json.dumps(result.to_json(names), ensure_ascii=False))
@@ -264,7 +235,7 @@ def generate(
         return
     if show_trace:
         console.print(legend(names))
-    stream = mixture.stream(prompts[0], **vars(options))
+    stream = mixture.stream(prompts[0], options)
     for event in stream:  # print tokens as they arrive
         console.print(token_piece(event.text, event.weights) if show_trace else event.text, end="", highlight=False)
     console.print()

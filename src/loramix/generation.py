@@ -18,7 +18,7 @@ import inspect
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +45,16 @@ __all__ = [
     "DECODE_MODES", "GenerationOptions", "GenerationResult", "GenerationStream", "MixtureModel", "TokenEvent",
     "cut_at_stop", "left_padded_positions",
 ]  # fmt: skip
+
+
+def _options(options: GenerationOptions | None, changes: dict) -> GenerationOptions:
+    """The options of one call: the given object (or the defaults) with any fields changed by keyword."""
+    unknown = set(changes) - {f.name for f in fields(GenerationOptions)}
+    if unknown:
+        raise LoramixError(f"Unknown generation option(s): {', '.join(sorted(unknown))}.")
+    if options is not None and not isinstance(options, GenerationOptions):
+        raise LoramixError(f"options must be a GenerationOptions, got {type(options).__name__}.")
+    return replace(options or GenerationOptions(), **changes)
 
 
 class MixtureModel:
@@ -121,25 +131,31 @@ class MixtureModel:
     # ---- public API ----
 
     def generate(
-        self, prompts: str | Sequence[str], batch_size: int | None = None, progress: bool = False, **options
-    ) -> GenerationResult | list[GenerationResult]:
-        """Generate for one prompt (returns one result) or many (a list, run in batches of `batch_size`)."""
+        self, prompts: str | Sequence[str], options: GenerationOptions | None = None, batch_size: int | None = None,
+        progress: bool = False, **changes,
+    ) -> GenerationResult | list[GenerationResult]:  # fmt: skip
+        """Generate for one prompt (returns one result) or many (a list, run in batches of `batch_size`).
+
+        `options` (default GenerationOptions()) with any field changed by keyword: generate(p, max_new_tokens=8)."""
+        options = _options(options, changes)
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
         size = batch_size or len(prompt_list) or 1
         results: list[GenerationResult] = []
         batches = [prompt_list[i : i + size] for i in range(0, len(prompt_list), size)]
         for batch in _progress(batches, progress, "generating"):
-            run = GenerationStream(self, batch, GenerationOptions(**options))
+            run = GenerationStream(self, batch, options)
             for _ in run:
                 pass
             results.extend(run.results())
         return results[0] if single else results
 
-    def stream(self, prompts: str | Sequence[str], **options) -> GenerationStream:
+    def stream(
+        self, prompts: str | Sequence[str], options: GenerationOptions | None = None, **changes
+    ) -> GenerationStream:
         """Iterate over it for each token as it is produced (one batch for all prompts); then call .results()."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        return GenerationStream(self, prompt_list, GenerationOptions(**options))
+        return GenerationStream(self, prompt_list, _options(options, changes))
 
     def new_sequence(self, prompt: str | list[int], options: GenerationOptions, index: int = 0) -> SequenceState:
         """One sequence to generate, checked before any work: options, route, merge mode, prompt, context.

@@ -15,7 +15,8 @@ import torch
 
 from loramix.errors import LoramixError
 from loramix.mixture import MERGE_MODES
-from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, RouteMemory, RoutePolicy
+from loramix.options import option
+from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP, RouteMemory, RoutePolicy
 
 DECODE_MODES = ("cached", "recompute")
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
@@ -23,16 +24,16 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    every_k: int = DEFAULT_EVERY_K
-    route: str = DEFAULT_ROUTE
-    decode: str = "cached"
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    merge: str | None = None  # None: the model's merge mode
+    every_k: int = option(DEFAULT_EVERY_K, "Re-route every k generated tokens.")
+    route: str = option(DEFAULT_ROUTE, ROUTE_HELP)
+    decode: str = option("cached", "cached (keep the KV cache) or recompute (re-run the text after each re-route).")
+    max_new_tokens: int = option(128, "Most tokens to generate.")
+    min_new_tokens: int = option(0, "End-of-sequence is suppressed before this many tokens.")
+    temperature: float = option(0.0, "0 = greedy; otherwise sample.")
+    top_p: float = option(1.0, "Nucleus sampling mass.")
+    seed: int | None = option(None, "Sampling seed.")
+    stop: tuple[str, ...] = option((), "Stop string, repeatable.")
+    merge: str | None = option(None, "exact, linear (PEFT >= 0.7) or paper (PEFT 0.4.0); default: the model's.")
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: and the N likeliest alternatives
     # token ids whose log-probability as the FIRST generated token is reported (e.g. option letters)
     first_token_candidates: tuple[int, ...] = ()

@@ -25,6 +25,7 @@ from loramix import __version__
 from loramix.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_METADATA
 from loramix.errors import LoramixError
 from loramix.models import DEFAULT_BASE_MODEL, base_model_signature, load_base_model
+from loramix.options import option
 from loramix.paths import data_dir
 from loramix.tasks import Example, get_task
 
@@ -36,21 +37,25 @@ class TrainConfig:
     that trains an expert in minutes rather than hours."""
 
     task: str
-    base_model: str = DEFAULT_BASE_MODEL
-    rank: int = 16
-    lora_alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    max_examples: int = 1000
-    epochs: float = 1.0
-    max_steps: int = -1  # overrides epochs when positive
-    batch_size: int = 8
-    gradient_accumulation: int = 1
-    learning_rate: float = 2e-4
-    max_length: int = 512
-    seed: int = 0
-    save_steps: int = 20
-    bf16: bool = True  # bf16 autocast: ~1.7x faster on a CPU with AVX512-BF16; adapter weights stay fp32
+    base_model: str = option(DEFAULT_BASE_MODEL, "Base model: an alias, a local folder or a HF id.", flag="--base")
+    rank: int = option(16, "LoRA rank (paper: 64; 16 keeps CPU experts small).")
+    lora_alpha: float = option(16.0, "lora_alpha (paper: 16).", flag="--alpha")
+    dropout: float = option(0.1, "LoRA dropout (paper: 0.1).")
+    target_modules: tuple[str, ...] = option(
+        ("q_proj", "v_proj"), "Linear layers to adapt, comma-separated (paper: q_proj,v_proj; GPT-NeoX: "
+        "query_key_value).", comma=True,
+    )  # fmt: skip
+    max_examples: int = option(1000, "Training examples, a seeded sample of the train split.")
+    epochs: float = option(1.0, "Passes over the examples.")
+    max_steps: int = option(-1, "Optimizer steps; overrides --epochs when positive.")
+    batch_size: int = option(8, "Examples per step.")
+    gradient_accumulation: int = option(1, "Steps whose gradients are summed before each update.")
+    learning_rate: float = option(2e-4, "Learning rate.", flag="--lr")
+    max_length: int = option(512, "Longest example in tokens; longer ones are skipped.")
+    seed: int = option(0, "Seed of the example sample, the adapter's initialisation and the data order.")
+    save_steps: int = option(20, "Checkpoint every N steps (re-running resumes).")
+    # bf16 autocast: ~1.7x faster on a CPU with AVX512-BF16; adapter weights stay fp32
+    bf16: bool = option(True, "bf16 autocast (faster; adapter weights stay fp32).")
 
     def validate(self) -> None:
         checks = {

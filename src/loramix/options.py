@@ -1,0 +1,77 @@
+"""Command-line options derived from the options dataclasses (litgpt's pattern), so each setting, its default and
+its help are stated once, on the dataclass. A field made with `option(default, help)` becomes a command-line option;
+`flag=` renames it (else --field-name), `comma=True` lets a tuple field take comma-separated values.
+
+    @app.command()
+    @takes_options(GenerationOptions)
+    def generate(prompts: list[str], options: GenerationOptions) -> None: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Annotated
+
+
+def option(default, help: str, **more) -> dataclasses.Field:
+    """A dataclass field that is also a command-line option: its default and its help, stated once."""
+    return dataclasses.field(default=default, metadata={"help": help, **more})
+
+
+def _option_parameter(field: dataclasses.Field, kind: type) -> inspect.Parameter:
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if typing.get_origin(kind) is tuple:  # a repeatable option
+        kind, default = list[typing.get_args(kind)[0]], list(default)
+    import typer  # only the command line needs it
+
+    flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+    annotation = Annotated[kind, typer.Option(flag, help=field.metadata["help"])]
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def options_from_values(cls: type, values: dict, base: object | None = None) -> object:
+    """An instance of `cls` from command-line values (lists back to tuples, comma-separated ones split)."""
+    converted = {}
+    for field in option_fields(cls):
+        value = values[field.name]
+        if isinstance(value, list):
+            if field.metadata.get("comma"):
+                value = [part.strip() for item in value for part in item.split(",") if part.strip()]
+            value = tuple(value)
+        converted[field.name] = value
+    return dataclasses.replace(base, **converted) if base is not None else cls(**converted)
+
+
+def takes_options(cls: type, make: Callable[[dict], object] | None = None) -> Callable:
+    """Decorator: the command also takes every option field of `cls`, and receives them as one `options` object
+    (built by `make(values)` when the dataclass needs more than its option fields, e.g. TrainConfig's task)."""
+    hints = typing.get_type_hints(cls)
+    fields = option_fields(cls)
+    names = [f.name for f in fields]
+
+    def wrap(func: Callable) -> Callable:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "options"]
+        extra = [_option_parameter(f, hints[f.name]) for f in fields]
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            options = make(values | kwargs) if make else options_from_values(cls, values)
+            return func(**kwargs, options=options)
+
+        parameters = [*own, *extra]
+        command.__signature__ = signature.replace(parameters=parameters)
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        del command.__wrapped__  # typer must read the signature above, not the function's own
+        return command
+
+    return wrap
