@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from loramix.adapters import load_expert
-    from loramix.benchmark import BenchContext, run_benchmark, write_report_files
+    from loramix.bench import BenchContext, run_benchmark, write_report_files
     from loramix.generation import MixtureModel
     from loramix.router import CentroidRouter, Embedder
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from loramix.benchmark import render_markdown, run_benchmark, targets, write_plot
+from loramix.bench import render_markdown, run_benchmark, targets, write_plot
 
 
 def test_quick_benchmark_runs_and_agrees(tiny_bundle, tiny_data, tmp_path):
@@ -36,7 +36,7 @@ def test_quick_benchmark_runs_and_agrees(tiny_bundle, tiny_data, tmp_path):
 
 
 def test_markdown_rewrite_keeps_sections_measured_elsewhere(tmp_path):
-    from loramix.benchmark import KEPT_MARKER, keep_other_machines
+    from loramix.bench import KEPT_MARKER, keep_other_machines
 
     path = tmp_path / "BENCHMARKS.md"
     assert keep_other_machines(path, "# new\n") == "# new\n"  # no file yet

@@ -406,7 +406,7 @@ def bench(
     data_dir: DataDir = None,
 ) -> None:
     """Speed against the reference loop, PEFT alternatives and plain decoding."""
-    from loramix.benchmark import keep_other_machines, run_benchmark, write_report_files
+    from loramix.bench import keep_other_machines, run_benchmark, write_report_files
 
     def numbers(text: str | None) -> tuple[int, ...] | None:
         try:
