@@ -285,3 +285,26 @@ def test_routing_accuracy_counts_items_whose_largest_weight_is_their_own_expert(
             "gsm8k": {"n": 1, "top_is_own": 1.0, "own_weight": 0.6},
         }
     }
+
+
+@pytest.mark.parametrize(("folder", "split"), [("smollm2-135m", "test"), ("smollm2-135m-validation", "validation")])
+def test_every_stored_result_keeps_its_name_and_cache_key(folder, split):
+    """A refactor of configs or keys must not orphan the committed results: each stored cell's config name parses
+    back to itself, and today's key for it is the one stored (routing at bf16 or fp32, as the run resolved it)."""
+    from collections import defaultdict
+    from pathlib import Path
+
+    from loramix.bundle import Bundle, packaged_bundle_path
+
+    items = Path(__file__).resolve().parents[1] / "results" / folder / "items.jsonl"
+    bundle = Bundle.load(packaged_bundle_path())
+    fingerprints = [BundleFingerprint.of(bundle, dtype) for dtype in ("bf16", "fp32")]
+    stored = defaultdict(set)
+    for line in items.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        stored[(record["config"], record["task"])].add(record["key"])
+    assert len(stored) > 30
+    for (name, task), keys in stored.items():
+        (config,) = parse_configs(name, bundle)
+        assert config.name == name
+        assert keys & {item_key(config, task, bundle, f, split) for f in fingerprints}, (name, task)

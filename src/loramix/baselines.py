@@ -16,13 +16,18 @@ from loramix.bundle import Bundle
 from loramix.generation import GenerationResult, cut_at_stop
 from loramix.models import load_base_model
 
+ARROW_SETTINGS = {"top_k": 3, "temperature": 1.0}  # PEFT's defaults; part of every arrow result's cache key
+
 
 class ArrowBaseline:
     """PEFT's Arrow router over a bundle's experts, decoded greedily with Hugging Face `generate`."""
 
     name = "arrow"
 
-    def __init__(self, bundle: Bundle, top_k: int = 3, temperature: float = 1.0, device: str = "cpu"):
+    def __init__(
+        self, bundle: Bundle, top_k: int = ARROW_SETTINGS["top_k"], temperature: float = ARROW_SETTINGS["temperature"],
+        device: str = "cpu",
+    ):  # fmt: skip
         from peft import ArrowConfig, create_arrow_model
 
         model, self.tokenizer = load_base_model(bundle.base_model, device=device)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loramix.baselines import ARROW_SETTINGS
 from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.errors import LoramixError
 from loramix.generation import GenerationResult
@@ -43,6 +44,17 @@ KEY_SCORING_FIELD = 1
 SCORING_VERSION = 2  # 2: ARC reads only a letter that stands alone; GSM8K normalises numbers as the harness does
 PAPER_CONFIGS = "base,oracle,tla:k=1,tla:k=2,tla:k=3,tla:k=4"
 OPTION_NAMES = ("decode", "merge", "route", "k")
+# Which options each config kind depends on, stated once: its name shows them when not the default, and its
+# results' cache key holds them.
+KIND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "arrow": (),
+    "expert": ("merge",),
+    "oracle": ("merge",),
+    "uniform": ("merge",),
+    "prompt": ("merge", "route"),
+    "tla": ("merge", "route", "k", "decode"),
+}
 
 
 @dataclass(frozen=True)
@@ -62,13 +74,9 @@ class EvalConfig:
             label = f"tla:k={self.every_k}"
         else:
             label = self.kind
-        extras = []
-        if self.decode != "cached" and self.kind in ("tla", "prompt"):
-            extras.append(f"decode={self.decode}")
-        if self.merge != "exact" and self.kind not in ("base", "arrow"):
-            extras.append(f"merge={self.merge}")
-        if self.route != "paper" and self.kind in ("tla", "prompt"):
-            extras.append(f"route={self.route}")
+        uses = KIND_OPTIONS[self.kind]
+        shown = (("decode", self.decode, "cached"), ("merge", self.merge, "exact"), ("route", self.route, "paper"))
+        extras = [f"{name}={value}" for name, value, default in shown if name in uses and value != default]
         return ",".join([label, *extras])
 
     def route_for(self, task: str, bundle: Bundle) -> str:
@@ -185,16 +193,17 @@ def item_key(
             else list(fingerprint.experts)
         )
         parts["experts"] = [fingerprint.experts[name] for name in used]
-    if config.kind in ("expert", "oracle", "uniform", "prompt", "tla"):
+    uses = KIND_OPTIONS[config.kind]
+    if "merge" in uses:
         parts["merge"] = config.merge
-    if config.kind in ("prompt", "tla"):
+    if "route" in uses:
         parts |= {"router": fingerprint.router, "route": config.route_for(task, bundle)}
         if config.route.startswith("hidden"):  # added only here, so every other key stays as it was
             parts["hidden_router"] = fingerprint.hidden_router
-    if config.kind == "tla":
+    if "k" in uses:
         parts |= {"k": config.every_k, "decode": config.decode}
     if config.kind == "arrow":
-        parts["arrow"] = {"top_k": 3, "temperature": 1.0}
+        parts["arrow"] = ARROW_SETTINGS
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
