@@ -43,9 +43,7 @@ EMBEDDER_WEIGHTS = {"model.safetensors", "pytorch_model.bin"}
 
 
 def prepare(assets: Path, data: str | None) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    from loramix.bench.synthetic import byte_level_tokenizer
     from loramix.models import resolve_embedder
     from loramix.paths import data_dir
     from loramix.tasks import TASKS
@@ -53,16 +51,10 @@ def prepare(assets: Path, data: str | None) -> None:
     root = data_dir(data)
     assets.mkdir(parents=True, exist_ok=True)
     texts = [e.training_text for spec in TASKS.values() for e in spec.load(root, "train")]
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=LLAMA2_7B["vocab_size"],
-        special_tokens=["<unk>", "<s>", "</s>"],  # Llama-2's ids 0, 1, 2
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer = byte_level_tokenizer(
+        texts, LLAMA2_7B["vocab_size"], ["<unk>", "<s>", "</s>"],  # Llama-2's ids 0, 1, 2
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+    )  # fmt: skip
     tokenizer.save_pretrained(assets / "tokenizer")
     embedder = Path(resolve_embedder("minilm"))
     target = assets / "minilm"

@@ -55,7 +55,8 @@ def main() -> None:
         ax.set_ylim(-0.07, 1)
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
         ax.set_yticks([])
-        print(f"{label.replace(chr(10), ' ')}: {result.text[:120]!r} ({len(weights)} tokens, {result.frozen_reroutes} frozen re-routes)")
+        shown = label.replace(chr(10), " ")
+        print(f"{shown}: {result.text[:120]!r} ({len(weights)} tokens, {result.frozen_reroutes} frozen re-routes)")
     axes[-1, 0].set_xlabel("generated token")
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[i]) for i in range(len(mixture.expert_names))]
     fig.legend(handles, mixture.expert_names, loc="upper center", ncol=len(handles), frameon=False,

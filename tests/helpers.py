@@ -26,18 +26,12 @@ def make_tiny_base(folder: Path, seed: int = 0, architecture: str = "llama") -> 
     """A randomly initialised 2-layer causal LM with its own small byte-level BPE tokenizer.
 
     architecture: "llama" (q_proj/k_proj/v_proj/o_proj) or "gpt_neox" (query_key_value/dense: other names)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from loramix.bench.synthetic import byte_level_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+    tokenizer = byte_level_tokenizer(CORPUS, 400, ["<pad>", "<eos>"], eos_token="<eos>", pad_token="<pad>")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
 

@@ -252,13 +252,7 @@ class Engine:
             seq.hidden_sum, seq.hidden_count = sums[seq.policy.hidden_layer][row], len(seq.prompt_ids)
 
     def _left_padded(self, texts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [b, width] and attention mask, left-padded so every row's newest token is in the last column."""
-        width = max(len(t) for t in texts)
-        ids = torch.full((len(texts), width), self.mx.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), width), dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids[row, width - len(text) :] = torch.tensor(text)
-            mask[row, width - len(text) :] = 1
+        ids, mask = left_pad(texts, self.mx.pad_id)
         return ids.to(self.mx.device), mask.to(self.mx.device)
 
     def _prefill(self, lane: Lane, seqs: list[SequenceState]) -> None:
@@ -306,6 +300,17 @@ class Engine:
         for seq in seqs:
             groups.setdefault(seq.options.merge or self.mx.merge, []).append(seq)
         return groups
+
+
+def left_pad(texts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [b, width] and attention mask, left-padded so every row's newest token is in the last column."""
+    width = max(len(t) for t in texts)
+    ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids[row, width - len(text) :] = torch.tensor(text)
+        mask[row, width - len(text) :] = 1
+    return ids, mask
 
 
 def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
-from loramix.generation import MixtureModel, left_padded_positions
+from loramix.engine import left_pad, left_padded_positions
+from loramix.generation import MixtureModel
 from loramix.paths import data_dir
 from loramix.store import ItemStore
 from loramix.tasks import TASKS, Example, get_task
@@ -54,7 +55,7 @@ def loss_key(model: str, task: str, split: str, fingerprint: BundleFingerprint) 
 def encode(tokenizer, example: Example) -> tuple[list[int], int]:
     """Token ids of prompt + answer, and how many of them are the answer (as in training, without EOS)."""
     prompt_ids = tokenizer(example.prompt).input_ids
-    answer_ids = tokenizer(" " + example.target, add_special_tokens=False).input_ids[:MAX_ANSWER_TOKENS]
+    answer_ids = tokenizer(example.answer_text, add_special_tokens=False).input_ids[:MAX_ANSWER_TOKENS]
     return prompt_ids + answer_ids, len(answer_ids)
 
 
@@ -64,13 +65,9 @@ def answer_losses(mixture, examples: list[Example], weights: torch.Tensor | None
     weights: [n_experts] fixed mixing weights (one-hot = one expert), or None for the base model.
     """
     encoded = [encode(mixture.tokenizer, e) for e in examples]
-    length = max(len(ids) for ids, _ in encoded)
     keep = max(n for _, n in encoded) + 1  # left padding puts every answer at the end: keep only those logits
-    input_ids = torch.full((len(encoded), length), mixture.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for row, (ids, _) in enumerate(encoded):
-        input_ids[row, length - len(ids) :] = torch.tensor(ids)
-        mask[row, length - len(ids) :] = 1
+    input_ids, mask = left_pad([ids for ids, _ in encoded], mixture.pad_id)
+    length = input_ids.shape[1]
     mixture.set_weights(None if weights is None else weights.expand(len(encoded), -1))
     device = mixture.device
     with torch.no_grad():

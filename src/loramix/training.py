@@ -90,7 +90,7 @@ def data_fingerprint(examples: list[Example]) -> str:
 def tokenize_example(tokenizer, example: Example, max_length: int) -> dict | None:
     """input_ids and labels with the prompt masked (-100); None when the example is too long."""
     prompt_ids = tokenizer(example.prompt).input_ids
-    answer_ids = tokenizer(" " + example.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    answer_ids = tokenizer(example.answer_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     if len(prompt_ids) + len(answer_ids) > max_length:
         return None
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}

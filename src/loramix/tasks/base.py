@@ -24,8 +24,13 @@ class Example:
     choices: tuple[str, ...] = ()  # option labels (ARC), empty for free-form tasks
 
     @property
+    def answer_text(self) -> str:
+        """What follows the prompt in training (and in gold-answer scoring): a space, then the target."""
+        return f" {self.target}"
+
+    @property
     def training_text(self) -> str:
-        return f"{self.prompt} {self.target}"
+        return self.prompt + self.answer_text
 
 
 VALIDATION_SIZE = 300  # items held out of the training split for choosing router settings
