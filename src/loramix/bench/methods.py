@@ -112,9 +112,9 @@ class BenchContext:
         return self._arrow
 
     def prompts(self, batch: int) -> list[str]:
-        """Batch 1: a GSM8K prompt; larger batches: the same number from each task."""
+        """Batch 1: the first task's first prompt (GSM8K's); larger batches: the same number from each task."""
         if batch == 1:
-            return self.task_prompts["gsm8k"][:1]
+            return next(iter(self.task_prompts.values()))[:1]
         per_task = -(-batch // len(self.task_prompts))
         mixed = [p for i in range(per_task) for p in (prompts[i] for prompts in self.task_prompts.values())]
         return mixed[:batch]
@@ -293,7 +293,8 @@ def method_table(quick: bool) -> dict[str, Callable]:
             name, function = ours_method(decode, k)
             methods[name] = function
         methods["ours cached k=1 fp32 router"] = run_ours_fp32_router
-        for route in ("top1", "window:48+16/top1"):  # the sharper and the windowed router (issue: routing)
+        # the default (hidden states), the cheapest hidden policy, the sharper and the windowed MiniLM router
+        for route in ("hidden", "hidden:2/top1", "top1", "window:48+16/top1"):
             methods[f"ours cached k=1 {route}"] = lambda ctx, p, n, route=route: run_ours(ctx, p, n, route=route)
     return methods
 
