@@ -116,7 +116,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_base, tiny_experts, tiny_data, tmp_path_factory) -> Path:
-    from loramix.bundle import build_bundle
+    from loramix.bundle_build import build_bundle
 
     root = tmp_path_factory.mktemp("bundle")
     build_bundle(root, {p.name: p for p in tiny_experts}, base_model=str(tiny_base), data=tiny_data)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loramix.bundle import Bundle, build_bundle, resolve_bundle
+from loramix.bundle import Bundle, resolve_bundle
+from loramix.bundle_build import build_bundle
 from loramix.errors import LoramixError
 from loramix.generation import MixtureModel
 from loramix.tasks import get_task

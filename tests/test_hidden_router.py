@@ -19,7 +19,7 @@ PROMPT = "Question: What is 2 + 3?\n\nAnswer:"
 
 @pytest.fixture(scope="module")
 def hidden_bundle(tiny_bundle, tiny_data, tmp_path_factory):
-    from loramix.bundle import build_hidden_router
+    from loramix.bundle_build import build_hidden_router
 
     root = tmp_path_factory.mktemp("hidden") / "bundle"
     shutil.copytree(tiny_bundle, root)

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from peft import PeftModel
 
 from helpers import make_tiny_base
-from loramix.bundle import build_bundle
+from loramix.bundle_build import build_bundle
 from loramix.errors import LoramixError
 from loramix.evaluation import EvalPlan, run_evaluation
 from loramix.generation import MixtureModel

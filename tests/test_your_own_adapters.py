@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import make_random_expert
-from loramix.bundle import ROUTER_FILE, Bundle, add_expert, build_bundle, describe_experts, remove_expert
+from loramix.bundle import ROUTER_FILE, Bundle
+from loramix.bundle_build import add_expert, build_bundle, describe_experts, remove_expert
 from loramix.cli import app
 from loramix.errors import LoramixError
 from loramix.generation import MixtureModel

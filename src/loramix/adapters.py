@@ -168,3 +168,15 @@ def load_expert(path: str | Path, name: str | None = None, dtype: torch.dtype = 
     return ExpertAdapter(
         name=name, path=path, rank=rank, alpha=alpha, scaling=scaling, modules=modules, metadata=metadata
     )
+
+
+def check_same_base(experts: list[ExpertAdapter], signature: str, base_name: str) -> None:
+    """Refuse experts whose recorded base model differs from this one."""
+    for expert in experts:
+        recorded = expert.base_model_signature
+        if recorded is not None and recorded != signature:
+            trained_on = expert.metadata.get("base_model", "another model")
+            raise LoramixError(
+                f"Expert '{expert.name}' was trained on base model '{trained_on}' (signature {recorded}), "
+                f"not on '{base_name}' (signature {signature}). Retrain it on this base model, or use its own base."
+            )

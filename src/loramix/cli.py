@@ -122,7 +122,7 @@ def router_build(
     data_dir: DataDir = None,
 ) -> None:
     """Build both routers (text centroids and hidden-state centroids) from each expert's texts; write bundle.json."""
-    from loramix.bundle import build_bundle
+    from loramix.bundle_build import build_bundle
 
     experts = _name_value_pairs(expert, "--expert", "DIR") or None
     result = build_bundle(
@@ -144,7 +144,7 @@ def router_hidden(
     data_dir: DataDir = None,
 ) -> None:
     """Centroids of the base model's own hidden states (every layer), for `--route hidden:L/RULE`."""
-    from loramix.bundle import build_hidden_router
+    from loramix.bundle_build import build_hidden_router
 
     path = build_hidden_router(bundle, max_examples, data_dir, batch_size, texts)
     console.print(f"[green]hidden-state centroids written to {path}[/]")
@@ -160,7 +160,8 @@ def bundle_list(
     """The bundle's experts: their router texts, rank, alpha, scaling and adapted modules."""
     from rich.table import Table
 
-    from loramix.bundle import Bundle, describe_experts
+    from loramix.bundle import Bundle
+    from loramix.bundle_build import describe_experts
 
     rows = describe_experts(bundle)
     if as_json:
@@ -186,7 +187,7 @@ def bundle_add(
     data_dir: DataDir = None,
 ) -> None:
     """Add one expert; only its own router rows are built, the others' are kept."""
-    from loramix.bundle import add_expert
+    from loramix.bundle_build import add_expert
 
     ((name, adapter),) = _name_value_pairs([expert], "--expert", "DIR").items()
     result = add_expert(bundle, name, adapter, texts, data_dir, max_examples)
@@ -196,7 +197,7 @@ def bundle_add(
 @bundle_app.command("remove")
 def bundle_remove(bundle: BundleArg, name: Annotated[str, typer.Argument(help="The expert to remove.")]) -> None:
     """Remove one expert (its folder and router rows); the others' rows are kept."""
-    from loramix.bundle import remove_expert
+    from loramix.bundle_build import remove_expert
 
     result = remove_expert(bundle, name)
     console.print(f"[green]removed '{name}' from {bundle}[/] (experts {', '.join(result.expert_names)})")

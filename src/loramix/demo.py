@@ -14,7 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.rule import Rule
 
-from loramix.bundle import BUNDLE_FILE, build_bundle, default_bundle_path, quick_bundle_path
+from loramix.bundle import BUNDLE_FILE, default_bundle_path, quick_bundle_path
+from loramix.bundle_build import build_bundle
 from loramix.errors import LoramixError
 from loramix.paths import data_dir
 from loramix.router import DEFAULT_ROUTE

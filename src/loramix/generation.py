@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from loramix.adapters import ExpertAdapter
-from loramix.bundle import Bundle, check_same_base, resolve_bundle
+from loramix.adapters import ExpertAdapter, check_same_base
+from loramix.bundle import Bundle, resolve_bundle
 from loramix.engine import Engine, left_padded_positions
 from loramix.errors import LoramixError
 from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter, load_hidden_centroids
