@@ -18,8 +18,10 @@ import collections
 import re
 import string
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from loramix.tasks.base import Example  # the module, not the package: tasks import these scorers
+if TYPE_CHECKING:  # annotations only: each task imports its scorer from here
+    from loramix.tasks import Example
 
 # ---- GSM8K ----
 
