@@ -83,9 +83,9 @@ def run_demo(
 
     root = Path(bundle) if bundle else ensure_bundle(console, data)
     mixture = MixtureModel.from_bundle(root)
+    schedule = "every token" if every_k == 1 else f"every {every_k} tokens"
     console.print(
-        f"bundle: {root}  (base {mixture.bundle.base_model}, merge {mixture.merge}, route {route}, "
-        f"re-route every {every_k} tokens)"
+        f"bundle: {root}  (base {mixture.bundle.base_model}, merge {mixture.merge}, route {route}, re-route {schedule})"
     )
     console.print(legend(mixture.expert_names))
     examples, origin = demo_examples(data)
