@@ -25,7 +25,7 @@ from loramix.hidden_router import (
 from loramix.mixture import attach_experts, detach_experts
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, base_model_signature, load_base_model
 from loramix.router import Embedder, build_centroids, save_centroids
-from loramix.router_texts import HIDDEN_EXAMPLES, load_router_texts
+from loramix.router_texts import HIDDEN_EXAMPLES, RouterTexts, load_router_texts
 from loramix.tasks import TASKS
 
 
@@ -46,6 +46,24 @@ def _adopt_texts(root: Path, name: str, source: Path) -> str:
     if source.expanduser().resolve() != target.resolve():
         shutil.copyfile(source.expanduser(), target)
     return str(target.relative_to(root))
+
+
+def _adopt(root: Path, adapter: ExpertAdapter, source: RouterTexts) -> ExpertEntry:
+    """Copy an expert (and its file of texts, if any) into the bundle; its bundle.json entry."""
+    target = _adopt_expert(root, adapter.name, adapter.path)
+    texts_file = None if source.task else _adopt_texts(root, adapter.name, Path(source.source))
+    return ExpertEntry(adapter.name, str(target.relative_to(root)), source.task, texts_file)
+
+
+def _checked_base_model(base_model: str, adapters: list[ExpertAdapter]):
+    """(model, tokenizer, signature) of the base model, the adapters refused unless they were trained on it and fit
+    its shapes; the model comes back plain (experts off)."""
+    model, tokenizer = load_base_model(base_model)
+    signature = base_model_signature(model)
+    check_same_base(adapters, signature, base_model)
+    attach_experts(model, adapters)  # raises a clear error if any shape does not fit this base model
+    detach_experts(model)
+    return model, tokenizer, signature
 
 
 HIDDEN_CENTROID_TEXTS = ("prompts", "training")
@@ -132,22 +150,13 @@ def build_bundle(
     adapters = [load_expert(adapter_folder(path), name) for name, path in experts.items()]
     sources = {a.name: load_router_texts(_texts_source(a, texts or {}), data, max_examples) for a in adapters}
 
-    model, tokenizer = load_base_model(base_model)
-    signature = base_model_signature(model)
-    check_same_base(adapters, signature, base_model)
-    attach_experts(model, adapters)  # raises a clear error if any shape does not fit this base model
-    detach_experts(model)
+    model, tokenizer, signature = _checked_base_model(base_model, adapters)
     hidden_texts = {name: source.for_hidden_router[:HIDDEN_EXAMPLES] for name, source in sources.items()}
     hidden = _hidden_rows(model, tokenizer, hidden_texts)
     del model
 
     root.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for adapter in adapters:
-        source = sources[adapter.name]
-        target = _adopt_expert(root, adapter.name, adapter.path)
-        texts_file = None if source.task else _adopt_texts(root, adapter.name, Path(source.source))
-        entries.append(ExpertEntry(adapter.name, str(target.relative_to(root)), source.task, texts_file))
+    entries = [_adopt(root, adapter, sources[adapter.name]) for adapter in adapters]
     names = [e.name for e in entries]
     text_texts = {name: source.for_text_router for name, source in sources.items()}
     centroids = build_centroids(Embedder(embedder), text_texts, progress=progress)
@@ -184,10 +193,7 @@ def add_expert(
         raise LoramixError(f"The bundle already has an expert '{name}'; remove it first or choose another name.")
     expert = load_expert(adapter_folder(adapter), name)
     source = load_router_texts(_texts_source(expert, {name: texts} if texts else {}), data, max_examples)
-    model, tokenizer = load_base_model(bundle.base_model)
-    check_same_base([expert], base_model_signature(model), bundle.base_model)
-    attach_experts(model, [expert])  # a clear error if it does not fit the base model
-    detach_experts(model)
+    model, tokenizer, _ = _checked_base_model(bundle.base_model, [expert])
     hidden_file = bundle.root / HIDDEN_ROUTER_FILE
     hidden = None
     if hidden_file.is_file():
@@ -197,9 +203,7 @@ def add_expert(
     row = build_centroids(Embedder(bundle.embedder), {name: source.for_text_router})
     centroids = torch.cat([bundle.load_centroids(), row])
 
-    target = _adopt_expert(bundle.root, name, expert.path)
-    texts_file = None if source.task else _adopt_texts(bundle.root, name, Path(source.source))
-    bundle.experts.append(ExpertEntry(name, str(target.relative_to(bundle.root)), source.task, texts_file))
+    bundle.experts.append(_adopt(bundle.root, expert, source))
     _save_rows(bundle, centroids, hidden)
     bundle.info.setdefault("router_examples", {})[name] = len(source.for_text_router)
     bundle.save()
@@ -220,8 +224,7 @@ def remove_expert(root: str | Path, name: str) -> Bundle:
     centroids = bundle.load_centroids()[keep]
     entry = bundle.experts.pop(names.index(name))
     _save_rows(bundle, centroids, hidden)
-    for info_key in ("router_examples",):
-        bundle.info.get(info_key, {}).pop(name, None)
+    bundle.info.get("router_examples", {}).pop(name, None)
     bundle.save()
     folder = bundle.root / entry.path
     if folder.resolve().is_relative_to(bundle.root.resolve()):  # never delete anything outside the bundle
