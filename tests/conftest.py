@@ -15,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import make_random_expert, make_tiny_base  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Every run sees the same terminal, whoever starts it: 80 columns, the width of a plain non-tty shell or CI runner.
+# (Command output must read right at that width; tables may fold, messages may not break mid-phrase.)
+os.environ["COLUMNS"] = "80"
 
 
 @pytest.fixture(autouse=True)

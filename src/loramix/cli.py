@@ -30,8 +30,10 @@ app.add_typer(router_app, name="router")
 bundle_app = typer.Typer(help="List, add or remove a bundle's experts.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a message is never broken mid-phrase at the terminal's width (a long path would split it); the
+# terminal wraps it, and a non-tty reader (a pipe, a log, CI) sees one line. Tables still fit the width.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="Task data folder (default: $LORAMIX_DATA, else ../shared/data).")
@@ -59,6 +61,11 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@app.callback()
+def _every_command() -> None:
+    _quiet_libraries()  # before any command, also when the app is invoked in-process (tests, notebooks)
 
 
 def _train_config(values: dict) -> TrainConfig:

@@ -84,13 +84,13 @@ class Embedder:
         return torch.nn.functional.normalize(vectors, dim=-1).cpu()
 
     @torch.no_grad()
-    def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """fp32 embeddings of many texts (centroid building)."""
         vectors = self.model.encode(
             list(texts),
             batch_size=batch_size,
             convert_to_tensor=True,
-            show_progress_bar=progress,
+            show_progress_bar=False,
             normalize_embeddings=True,
         )
         return vectors.float().cpu()
@@ -100,11 +100,22 @@ def build_centroids(
     embedder: Embedder, texts_by_expert: dict[str, Sequence[str]], batch_size: int = 64, progress: bool = False
 ) -> torch.Tensor:
     """[n_experts, dim]: the mean embedding of each expert's training texts, rows in dict order."""
-    rows = []
+    from rich.progress import Progress
+
     for name, texts in texts_by_expert.items():
         if not texts:
             raise LoramixError(f"Expert '{name}' has no training texts to build its centroid from.")
-        rows.append(embedder.embed(texts, batch_size=batch_size, progress=progress).mean(dim=0))
+    rows = []
+    # our own bar (transient, drawn only on a terminal): the embedder's tqdm bars would leak into piped output
+    with Progress(transient=True, disable=not progress) as bar:
+        job = bar.add_task("text centroids", total=sum(len(t) for t in texts_by_expert.values()))
+        for texts in texts_by_expert.values():
+            total = torch.zeros(embedder.dim)
+            for start in range(0, len(texts), batch_size * 4):
+                chunk = list(texts[start : start + batch_size * 4])
+                total += embedder.embed(chunk, batch_size=batch_size).sum(dim=0)
+                bar.advance(job, len(chunk))
+            rows.append(total / len(texts))
     return torch.stack(rows)
 
 
