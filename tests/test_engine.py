@@ -76,8 +76,9 @@ def test_a_cancelled_sequence_leaves_and_the_others_are_undisturbed(tiny_mixture
     engine.cancel(sequences[1])
     tokens_when_cancelled = len(sequences[1].token_ids)
     engine.step()
-    assert sequences[1] not in engine.lanes["exact"].rows
-    assert engine.lanes["exact"].cache.layers[0].keys.shape[0] == 2  # its cache rows are freed
+    lane = engine.lanes["exact"]
+    assert sequences[1] not in lane.rows and engine.running == 2
+    assert lane.cache.layers[0].keys.shape[0] == len(lane.rows)  # its cache rows are freed
     while engine.busy:
         engine.step()
     assert len(sequences[1].token_ids) == tokens_when_cancelled
@@ -132,3 +133,104 @@ def test_logprobs_are_those_of_the_chosen_tokens(tiny_mixture):
 def test_bad_options_are_refused_before_any_work(tiny_mixture, options, match):
     with pytest.raises(LoramixError, match=match):
         tiny_mixture.new_sequence(PROMPTS[0], GenerationOptions(**options))
+
+
+# Long prompts (a few times the chunk) on every kind of route, so chunks cross both prefill stages.
+LONG = [
+    (PROMPTS[2] * 3, GenerationOptions(every_k=1, max_new_tokens=8, min_new_tokens=8)),  # hidden: two stages
+    (PROMPTS[1] * 2, GenerationOptions(route="hidden:1/top1", decode="recompute", max_new_tokens=6, min_new_tokens=6)),
+    (PROMPTS[3] * 2, GenerationOptions(route="paper", every_k=2, max_new_tokens=6, min_new_tokens=6)),
+    (PROMPTS[0], GenerationOptions(route="uniform", max_new_tokens=6, min_new_tokens=6)),
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill_gives_the_tokens_of_unchunked(tiny_mixture, chunk):
+    engine = Engine(tiny_mixture, prefill_chunk=chunk)
+    sequences = [tiny_mixture.new_sequence(p, o, i) for i, (p, o) in enumerate(LONG)]
+    longest = max(len(seq.prompt_ids) for seq in sequences)
+    for seq in sequences:
+        engine.add(seq)
+    steps_to_first = None
+    while engine.busy:
+        engine.step()
+        if steps_to_first is None and any(seq.token_ids for seq in sequences):
+            steps_to_first = engine.steps
+    for seq, (prompt, options) in zip(sequences, LONG):
+        expected = alone(tiny_mixture, prompt, options)
+        assert seq.token_ids == expected.token_ids, (chunk, prompt[:20])
+        assert torch.allclose(torch.stack(seq.weight_rows), expected.weights, atol=1e-5)
+    if chunk == 1:  # one token a step: the first prompt alone took as many steps as its two stages have tokens
+        assert steps_to_first >= 2 * len(sequences[0].prompt_ids) > longest
+
+
+def test_running_streams_get_a_token_every_step_while_a_long_prompt_is_prefilled(tiny_mixture):
+    engine = Engine(tiny_mixture, prefill_chunk=8)
+    running = tiny_mixture.new_sequence(PROMPTS[0], GenerationOptions(max_new_tokens=40, min_new_tokens=40))
+    engine.add(running)
+    while not running.token_ids:
+        engine.step()
+    long = tiny_mixture.new_sequence(PROMPTS[2] * 6, GenerationOptions(max_new_tokens=4, min_new_tokens=4), 1)
+    engine.add(long)
+    before = len(running.token_ids)
+    steps = 0
+    while not long.token_ids:
+        engine.step()
+        steps += 1
+    assert steps > 4  # the long prompt took several steps (both stages, in chunks of 8)...
+    assert len(running.token_ids) == before + steps  # ...and the running stream got a token at every one of them
+    while engine.busy:
+        engine.step()
+    assert running.token_ids == alone(tiny_mixture, PROMPTS[0], running.options).token_ids
+    assert long.token_ids == alone(tiny_mixture, PROMPTS[2] * 6, long.options).token_ids
+
+
+def test_the_kv_budget_holds_back_newcomers_until_room_frees_up(tiny_mixture):
+    options = GenerationOptions(max_new_tokens=6, min_new_tokens=6)
+    sequences = [tiny_mixture.new_sequence(p, options, i) for i, p in enumerate(PROMPTS)]
+    widest = max(seq.reservation() for seq in sequences)
+    engine = Engine(tiny_mixture, max_batch_tokens=2 * widest)  # room for two at a time
+    for seq in sequences:
+        engine.add(seq)
+    most = 0
+    while engine.busy:
+        engine.step()
+        most = max(most, engine.running)
+    assert most == 2
+    for seq in sequences:
+        assert seq.token_ids == alone(tiny_mixture, seq.prompt, options).token_ids
+    assert engine.scheduler.fits_alone(sequences) == 4 * widest  # all four at once: over the budget
+    assert engine.scheduler.fits_alone(sequences[:2]) is None
+
+
+def test_a_sequence_whose_step_fails_ends_alone_and_the_others_go_on(tiny_mixture, monkeypatch):
+    import loramix.engine as engine_module
+
+    real = engine_module.choose_token
+    doomed = tiny_mixture.new_sequence(PROMPTS[1], GenerationOptions(max_new_tokens=10, min_new_tokens=10), 1)
+
+    def choose(logits, temperature, *args):
+        if temperature == 0.5 and len(doomed.token_ids) == 3:  # only the doomed sequence samples at 0.5
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, temperature, *args)
+
+    monkeypatch.setattr(engine_module, "choose_token", choose)
+    doomed.options = GenerationOptions(max_new_tokens=10, min_new_tokens=10, temperature=0.5, seed=1)
+    others = [tiny_mixture.new_sequence(p, o, i + 2) for i, (p, o) in enumerate(REQUESTS[:3])]
+    engine = Engine(tiny_mixture)
+    events = []
+    for seq in [doomed, *others]:
+        engine.add(seq)
+    while engine.busy:
+        events += engine.step()
+    failures = [e for e in events if e.finish_reason == "error"]
+    assert [e.sequence for e in failures] == [1] and "probability tensor" in failures[0].error
+    assert doomed.finish_reason == "error" and len(doomed.token_ids) == 3
+    monkeypatch.setattr(engine_module, "choose_token", real)
+    for seq, (prompt, options) in zip(others, REQUESTS[:3]):
+        assert seq.token_ids == alone(tiny_mixture, prompt, options).token_ids
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash(tiny_mixture):
+    tiny = tiny_mixture.generate(PROMPTS[0], temperature=1e-40, max_new_tokens=8, seed=3)
+    assert tiny.token_ids == tiny_mixture.generate(PROMPTS[0], max_new_tokens=8).token_ids

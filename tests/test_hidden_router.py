@@ -112,3 +112,27 @@ def test_negative_layers_count_back_from_the_last_and_hidden_is_the_default(hidd
     assert default.token_ids == spelled.token_ids
     assert torch.equal(default.weights, spelled.weights)
     assert len(default.reroutes) == 8  # every token
+
+
+def test_the_prompts_routing_pass_stops_at_its_layer_and_equals_the_full_pass(hidden_mixture, monkeypatch):
+    from loramix.mixture_model import decoder_layers
+
+    ids = hidden_mixture.tokenizer([PROMPT], return_tensors="pt")
+    mask = ids.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden_mixture.set_weights(None)  # experts off, as the routing pass runs
+    with torch.no_grad():
+        full = hidden_mixture.model(**ids, output_hidden_states=True).hidden_states
+    layers = decoder_layers(hidden_mixture.model)
+    last = len(layers)
+    ran = []
+    hook = layers[last - 1].register_forward_hook(lambda *_: ran.append(True))
+    try:
+        early = hidden_mixture.base_hidden_states(ids.input_ids, mask, positions, (1,))
+        assert not ran  # the last layer never ran for a layer-1 route
+        whole = hidden_mixture.base_hidden_states(ids.input_ids, mask, positions, (1, last))
+        assert ran
+    finally:
+        hook.remove()
+    assert torch.equal(early[1], full[1])
+    assert torch.equal(whole[1], full[1]) and torch.equal(whole[last], full[last])  # the last is after the norm

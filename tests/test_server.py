@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from helpers import start_server, stop_server
-from loramix.openai_api import StopHoldback
+from loramix.openai_serving import StopHoldback
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (make test installs it)")
 

@@ -15,8 +15,10 @@ from loramix import __version__
 from loramix.errors import LoramixError
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
 from loramix.options import options_from_values, takes_options
+from loramix.ray_serve import RaySettings
 from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP
 from loramix.sequences import GenerationOptions
+from loramix.server import ServeSettings
 from loramix.training import TrainConfig
 
 app = typer.Typer(
@@ -436,82 +438,39 @@ def bench(
     console.print(f"[green]benchmark written to {out / 'bench.md'}[/]")
 
 
-def _serve_default(name: str):
-    from loramix.server import ServeSettings
-
-    return ServeSettings.__dataclass_fields__[name].default
-
-
-def _ray_default(name: str):
-    from loramix.ray_serve import RaySettings
-
-    return RaySettings.__dataclass_fields__[name].default
-
-
 @app.command()
+@takes_options(RaySettings, name="ray_settings")
+@takes_options(ServeSettings, name="settings")
 def serve(
-    bundle: BundleDir = None,
-    host: Annotated[str, typer.Option(help="Address to bind; loopback unless told otherwise.")] = _serve_default(
-        "host"
-    ),
-    port: Annotated[int, typer.Option(help="TCP port.")] = _serve_default("port"),
-    api_key: Annotated[
-        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/* (default: $LORAMIX_API_KEY).")
-    ] = None,
-    max_batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = _serve_default("max_batch"),
-    max_queue: Annotated[int, typer.Option(help="Sequences waiting beyond the batch; more get 429.")] = _serve_default(
-        "max_queue"
-    ),
-    max_new_tokens_limit: Annotated[
-        int, typer.Option(help="Largest max_tokens a request may ask for.")
-    ] = _serve_default("max_new_tokens_limit"),
-    merge: Annotated[str, typer.Option(help="Merge mode of requests that set none.")] = _serve_default("merge"),
-    every_k: Annotated[int, typer.Option("--every-k", help="Default re-route interval.")] = _serve_default("every_k"),
-    route: Annotated[str, typer.Option(help="Default route of the 'loramix' model.")] = _serve_default("route"),
-    decode: Annotated[str, typer.Option(help="Default decode mode.")] = _serve_default("decode"),
-    embedder_dtype: EmbedderDtype = _serve_default("embedder_dtype"),
     ray: Annotated[
         bool, typer.Option("--ray", help="Serve as a Ray Serve deployment (pip install 'loramix[ray]').")
     ] = False,
-    replicas: Annotated[int, typer.Option(help="With --ray: replicas, each with its own engine.")] = _ray_default(
-        "replicas"
-    ),
-    autoscale: Annotated[
-        str | None, typer.Option(help="With --ray: MIN:MAX replicas, scaled on ongoing requests.")
-    ] = _ray_default("autoscale"),
-    address: Annotated[
-        str | None, typer.Option(help="With --ray: 'auto' or ray://HOST:PORT of a running cluster (default: local).")
-    ] = _ray_default("address"),
-    num_cpus: Annotated[float, typer.Option(help="With --ray: CPUs per replica.")] = _ray_default("num_cpus"),
-    num_gpus: Annotated[float, typer.Option(help="With --ray: GPUs per replica.")] = _ray_default("num_gpus"),
+    settings: ServeSettings = None,
+    ray_settings: RaySettings = None,
 ) -> None:
     """An OpenAI-compatible server with continuous batching and a live routing view at http://HOST:PORT/."""
-    from loramix.server import ServeSettings
+    from dataclasses import replace
+
+    from loramix.bundle import Bundle, resolve_bundle
     from loramix.server import serve as run_server
 
-    settings = ServeSettings(
-        bundle=str(bundle) if bundle else None, host=host, port=port, api_key=api_key or os.environ.get(
-            "LORAMIX_API_KEY"), max_batch=max_batch, max_queue=max_queue, max_new_tokens_limit=max_new_tokens_limit,
-        merge=merge, every_k=every_k, route=route, decode=decode, embedder_dtype=embedder_dtype,
-    )  # fmt: skip
-    from loramix.bundle import Bundle, resolve_bundle
-
-    settings.check(Bundle.load(resolve_bundle(bundle)).expert_names)  # before minutes of loading, not after
-    where = f"[bold]http://{host}:{port}/[/] (the routing view; the API under /v1)"
+    settings = replace(settings, api_key=settings.api_key or os.environ.get("LORAMIX_API_KEY"))
+    settings.check(Bundle.load(resolve_bundle(settings.bundle)).expert_names)  # before minutes of loading
+    where = f"[bold]http://{settings.host}:{settings.port}/[/] (the routing view; the API under /v1)"
     if not ray:
         console.print(f"loramix serving on {where}")
         run_server(settings)
         return
-    from loramix.ray_serve import RaySettings, serve_on_ray
+    from loramix.ray_serve import serve_on_ray
 
-    ray_settings = RaySettings(replicas, autoscale, address, num_cpus, num_gpus)
     ray_settings.check()
     try:
         import ray as _  # noqa: F401
     except ImportError:
         raise LoramixError("--ray needs Ray Serve: pip install 'loramix[ray]'.") from None
-    shape = f"autoscaled {autoscale}" if autoscale else f"{replicas} replica(s)"
-    console.print(f"starting Ray Serve ({shape}, {num_cpus} CPU / {num_gpus} GPU each)...")
+    r = ray_settings
+    shape = f"autoscaled {r.autoscale}" if r.autoscale else f"{r.replicas} replica(s)"
+    console.print(f"starting Ray Serve ({shape}, {r.num_cpus} CPU / {r.num_gpus} GPU each)...")
     serve_on_ray(settings, ray_settings, on_ready=lambda: console.print(f"loramix serving on Ray at {where}"))
 
 

@@ -21,12 +21,13 @@ from loramix.adapters import ExpertAdapter
 from loramix.errors import LoramixError
 
 MERGE_MODES = ("exact", "linear", "paper")
+DEFAULT_MERGE = "exact"
 
 
 class MixtureState:
     """Mixing coefficients shared by all mixture layers of one model, set once per routing step."""
 
-    def __init__(self, ranks: list[int], scalings: list[float], mode: str = "exact"):
+    def __init__(self, ranks: list[int], scalings: list[float], mode: str = DEFAULT_MERGE):
         self.ranks = ranks
         self.scalings = torch.tensor(scalings, dtype=torch.float32)
         self.version = 0  # bumped by every change, so layers rebuild their per-row factors lazily

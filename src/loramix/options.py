@@ -50,23 +50,24 @@ def options_from_values(cls: type, values: dict, base: object | None = None) -> 
     return dataclasses.replace(base, **converted) if base is not None else cls(**converted)
 
 
-def takes_options(cls: type, make: Callable[[dict], object] | None = None) -> Callable:
-    """Decorator: the command also takes every option field of `cls`, and receives them as one `options` object
-    (built by `make(values)` when the dataclass needs more than its option fields, e.g. TrainConfig's task)."""
+def takes_options(cls: type, make: Callable[[dict], object] | None = None, name: str = "options") -> Callable:
+    """Decorator: the command also takes every option field of `cls`, and receives them as one object in its
+    parameter `name` (built by `make(values)` when the dataclass needs more than its option fields, e.g.
+    TrainConfig's task). Stack it to take several dataclasses, each under its own name."""
     hints = typing.get_type_hints(cls)
     fields = option_fields(cls)
     names = [f.name for f in fields]
 
     def wrap(func: Callable) -> Callable:
         signature = inspect.signature(func, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "options"]
+        own = [p for p in signature.parameters.values() if p.name != name]
         extra = [_option_parameter(f, hints[f.name]) for f in fields]
 
         @functools.wraps(func)
         def command(**kwargs):
-            values = {name: kwargs.pop(name) for name in names}
+            values = {field: kwargs.pop(field) for field in names}
             options = make(values | kwargs) if make else options_from_values(cls, values)
-            return func(**kwargs, options=options)
+            return func(**kwargs, **{name: options})
 
         parameters = [*own, *extra]
         command.__signature__ = signature.replace(parameters=parameters)

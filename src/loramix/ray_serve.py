@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.errors import LoramixError
+from loramix.options import option
 from loramix.server import ServeSettings
 
 APP_NAME = "loramix"
@@ -28,11 +29,15 @@ REPLICA_HEADER = "X-Loramix-Replica"
 
 @dataclass(frozen=True)
 class RaySettings:
-    replicas: int = 1
-    autoscale: str | None = None  # "MIN:MAX": replicas scaled on ongoing requests, within these bounds
-    address: str | None = None  # None: start a local Ray instance; "auto" or "ray://..." joins a cluster
-    num_cpus: float = 1.0  # per replica
-    num_gpus: float = 0.0  # per replica
+    """How `loramix serve --ray` spreads the server over Ray Serve replicas."""
+
+    replicas: int = option(1, "With --ray: replicas, each with its own engine.")
+    autoscale: str | None = option(None, "With --ray: MIN:MAX replicas, scaled on ongoing requests.")
+    address: str | None = option(
+        None, "With --ray: 'auto' or ray://HOST:PORT of a running cluster (default: a local Ray instance)."
+    )
+    num_cpus: float = option(1.0, "With --ray: CPUs per replica.")
+    num_gpus: float = option(0.0, "With --ray: GPUs per replica.")
 
     def autoscale_bounds(self) -> tuple[int, int] | None:
         if self.autoscale is None:
@@ -87,6 +92,10 @@ def deployment_options(settings: ServeSettings, ray_settings: RaySettings) -> di
         # Ray queues at the proxy beyond this; the replica's own queue answers 429 past --max-queue
         "max_ongoing_requests": settings.max_batch + settings.max_queue,
         "health_check_period_s": 5,
+        # SIGTERM / Ctrl-C: Ray Serve stops routing to a replica, waits this long for its ongoing requests, then
+        # ends it (the same drain as a single server's --shutdown-timeout)
+        "graceful_shutdown_timeout_s": settings.shutdown_timeout,
+        "graceful_shutdown_wait_loop_s": 0.5,
     }
     bounds = ray_settings.autoscale_bounds()
     if bounds is None:

@@ -7,6 +7,7 @@ change its embedding, so a routing step whose truncated input is unchanged reuse
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,12 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from loramix.errors import LoramixError
+from loramix.errors import LoramixError, OptionError
 from loramix.models import DEFAULT_EMBEDDER, resolve_embedder
 
 PAPER_TEMPERATURE = 4.0
 SOFTMAX_TEMPERATURE = 0.1
 EMBEDDER_DTYPES = ("auto", "fp32", "bf16")
+RULE_TEMPERATURES = (1e-4, 1e4)  # similarities in [-1, 1] divided (or the top one multiplied) stay finite
 
 
 def bf16_routing_pays(device: str | torch.device) -> bool:
@@ -226,8 +228,11 @@ def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
             k, temperature = int(k_text), float(t_text) if t_text else SOFTMAX_TEMPERATURE
         except ValueError:
             raise LoramixError(f"Route rule '{spec}': write topk:K or topk:K:T (K whole, T a number).") from None
-        if k < 1 or temperature <= 0:
-            raise LoramixError(f"Route rule '{spec}': K must be at least 1 and T positive.")
+        if k < 1 or not RULE_TEMPERATURES[0] <= temperature <= RULE_TEMPERATURES[1]:
+            raise LoramixError(
+                f"Route rule '{spec}': K must be at least 1 and T between {RULE_TEMPERATURES[0]:g} and "
+                f"{RULE_TEMPERATURES[1]:g}."
+            )
         return lambda sims: topk_weights(sims, k, temperature)
     if name in ("paper", "softmax"):
         default = PAPER_TEMPERATURE if name == "paper" else SOFTMAX_TEMPERATURE
@@ -235,8 +240,13 @@ def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
             temperature = float(arg) if arg else default
         except ValueError:
             raise LoramixError(f"Route rule '{spec}': the temperature '{arg}' is not a number.") from None
-        if temperature <= 0:
+        if not temperature > 0:
             raise LoramixError(f"Route rule '{spec}': the temperature must be positive.")
+        if not RULE_TEMPERATURES[0] <= temperature <= RULE_TEMPERATURES[1]:
+            raise LoramixError(
+                f"Route rule '{spec}': the temperature must be between {RULE_TEMPERATURES[0]:g} and "
+                f"{RULE_TEMPERATURES[1]:g} (beyond, the weights overflow float32)."
+            )
         function = paper_weights if name == "paper" else softmax_weights
         return lambda sims: function(sims, temperature)
     return None
@@ -244,7 +254,14 @@ def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 def parse_route(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     """Parse a --route value against the bundle's expert names (see ROUTE_HELP)."""
-    policy = _parse_policy(spec.strip(), expert_names)
+    if not isinstance(spec, str):
+        raise OptionError("route", sentence=f"A route is text such as 'hidden' or 'paper', got {spec!r}.")
+    try:
+        policy = _parse_policy(spec.strip(), expert_names)
+    except OptionError:
+        raise
+    except LoramixError as exc:  # every message of the parsers names the route it is about
+        raise OptionError("route", sentence=str(exc)) from None
     return replace(policy, n_experts=len(expert_names))
 
 
@@ -322,8 +339,8 @@ def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
                 f"Route '{spec}' gives {len(weights)} weights but the bundle has {n} experts "
                 f"({', '.join(expert_names)})."
             )
-        if any(w < 0 for w in weights):
-            raise LoramixError(f"Route '{spec}': weights must not be negative.")
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise LoramixError(f"Route '{spec}': weights must be finite and not negative.")
         return RoutePolicy(spec, "fixed", fixed=weights)
     raise LoramixError(f"Unknown route rule '{spec}'; choose one of {ROUTE_HELP}.")
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from loramix.errors import LoramixError
+from loramix.errors import LoramixError, OptionError
 from loramix.mixture import MERGE_MODES
 from loramix.options import option
-from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP, RouteMemory, RoutePolicy
+from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP, RouteMemory, RoutePolicy, parse_route
 
 DECODE_MODES = ("cached", "recompute")
+DEFAULT_DECODE = "cached"
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 
 
@@ -26,7 +27,7 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 class GenerationOptions:
     every_k: int = option(DEFAULT_EVERY_K, "Re-route every k generated tokens.")
     route: str = option(DEFAULT_ROUTE, ROUTE_HELP)
-    decode: str = option("cached", "cached (keep the KV cache) or recompute (re-run the text after each re-route).")
+    decode: str = option(DEFAULT_DECODE, "cached (keep the KV cache) or recompute (re-run the text at re-routes).")
     max_new_tokens: int = option(128, "Most tokens to generate.")
     min_new_tokens: int = option(0, "End-of-sequence is suppressed before this many tokens.")
     temperature: float = option(0.0, "0 = greedy; otherwise sample.")
@@ -39,37 +40,39 @@ class GenerationOptions:
     first_token_candidates: tuple[int, ...] = ()
 
     def validate(self) -> None:
-        """Refuse settings that cannot run, naming the option and the fix (before anything is generated)."""
+        """Refuse settings that cannot run, naming the field and the fix (before anything is generated)."""
 
-        def whole(value, name: str) -> None:
+        def whole(name: str) -> None:
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise LoramixError(f"{name} must be a whole number, got {value!r}.")
+                raise OptionError(name, f"must be a whole number, got {value!r}.")
 
-        for value, name in ((self.every_k, "--every-k"), (self.max_new_tokens, "--max-new-tokens")):
-            whole(value, name)
-        whole(self.min_new_tokens, "--min-new-tokens")
+        for name in ("every_k", "max_new_tokens", "min_new_tokens"):
+            whole(name)
         if self.every_k <= 0:
-            raise LoramixError(f"--every-k must be a positive number of tokens, got {self.every_k}.")
+            raise OptionError("every_k", f"must be a positive number of tokens, got {self.every_k}.")
         if self.decode not in DECODE_MODES:
-            raise LoramixError(f"Unknown decode mode '{self.decode}'; choose one of {', '.join(DECODE_MODES)}.")
+            raise OptionError("decode", sentence=f"Unknown decode mode '{self.decode}'; choose one of "
+                              f"{', '.join(DECODE_MODES)}.")  # fmt: skip
         if self.merge is not None and self.merge not in MERGE_MODES:
-            raise LoramixError(f"Unknown merge mode '{self.merge}'; choose one of {', '.join(MERGE_MODES)}.")
+            raise OptionError("merge", sentence=f"Unknown merge mode '{self.merge}'; choose one of "
+                              f"{', '.join(MERGE_MODES)}.")  # fmt: skip
         if self.max_new_tokens <= 0:
-            raise LoramixError(f"--max-new-tokens must be positive, got {self.max_new_tokens}.")
+            raise OptionError("max_new_tokens", f"must be positive, got {self.max_new_tokens}.")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise LoramixError("--min-new-tokens must be between 0 and --max-new-tokens.")
+            raise OptionError("min_new_tokens", "must be between 0 and the most new tokens (max_new_tokens).")
         if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise LoramixError(f"--temperature must be 0 (greedy) or a positive number, got {self.temperature!r}.")
+            raise OptionError("temperature", f"must be 0 (greedy) or a positive number, got {self.temperature!r}.")
         if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise LoramixError(f"--top-p must be in (0, 1], got {self.top_p!r}.")
+            raise OptionError("top_p", f"must be in (0, 1], got {self.top_p!r}.")
         if self.seed is not None:
-            whole(self.seed, "--seed")
+            whole("seed")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise LoramixError("Stop strings must be non-empty text.")
+            raise OptionError("stop", "takes non-empty text only.")
         if self.logprobs is not None:
-            whole(self.logprobs, "logprobs")
+            whole("logprobs")
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise LoramixError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}.")
+                raise OptionError("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}.")
 
 
 @dataclass
@@ -118,6 +121,7 @@ class TokenEvent:
     finish_reason: str | None = None
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), likeliest first
+    error: str | None = None  # finish_reason "error": why this sequence alone was ended
 
 
 class IncrementalDetokenizer:
@@ -176,6 +180,7 @@ class SequenceState:
     finish_reason: str | None = None
     first_token_logprobs: list[float] | None = None
     cancelled: bool = False
+    error: str | None = None  # why this sequence failed (finish_reason "error")
 
     def __post_init__(self):
         self.memory.sliding = self.policy.window is not None
@@ -200,20 +205,19 @@ class SequenceState:
             return True
         return self.policy.kind == "dynamic" and step % self.options.every_k == 0
 
-    def select(self, logits: torch.Tensor, eos_ids: Sequence[int]) -> int:
-        """Choose the next token from this sequence's logits [vocab] (greedy, or its own sampler)."""
-        options = self.options
-        if self.step < options.min_new_tokens and eos_ids:
-            logits = logits.clone()
-            logits[list(eos_ids)] = float("-inf")
-        if options.temperature == 0:
-            return int(logits.argmax())
-        probs = (logits / options.temperature).softmax(dim=-1)
-        if options.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs > options.top_p] = 0.0
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    def banned_tokens(self, eos_ids: Sequence[int]) -> Sequence[int]:
+        """Token ids this sequence may not pick next: end-of-sequence before min_new_tokens."""
+        return eos_ids if self.step < self.options.min_new_tokens else ()
+
+    def fail(self, message: str) -> TokenEvent:
+        """End this sequence alone with an error (the others in its batch go on)."""
+        self.error = message
+        self.finish_reason = "error"
+        return TokenEvent(self.index, self.step, -1, "", [], False, True, "error", error=message)
+
+    def reservation(self) -> int:
+        """The KV-cache tokens this sequence may come to hold: its prompt plus every token it may generate."""
+        return len(self.prompt_ids) + self.options.max_new_tokens
 
     def append(self, token_id: int, eos_ids: Sequence[int], rerouted: bool) -> TokenEvent:
         """Record the chosen token, decide whether the sequence ends, and describe it as an event."""
@@ -264,6 +268,51 @@ class SequenceState:
             first_token_logprobs=self.first_token_logprobs,
             logprobs=self.token_logprobs if self.options.logprobs is not None else None,
         )
+
+
+def new_sequence(mixture, prompt: str | list[int], options: GenerationOptions, index: int = 0) -> SequenceState:
+    """One sequence to generate on `mixture` (a RoutedModel), checked before any work: options, route, merge mode,
+    prompt, context. `prompt` is text, or token ids (their text is decoded for routing and results)."""
+    options.validate()
+    policy = parse_route(options.route, mixture.expert_names)
+    if policy.needs_text_router and mixture.router is None:
+        raise OptionError("route", sentence=f"Route '{options.route}' needs the router, but this model was loaded "
+                          "without one.")  # fmt: skip
+    if policy.hidden_layer is not None:
+        if mixture.hidden_router is None:
+            raise OptionError("route", sentence=(
+                f"Route '{options.route}' needs the bundle's hidden-state centroids (router_hidden.safetensors); "
+                "build them with `loramix router hidden BUNDLE`, or choose a text route such as --route paper."
+            ))  # fmt: skip
+        layers = mixture.hidden_router.n_layers
+        if not -layers <= policy.hidden_layer <= layers:
+            raise OptionError("route", sentence=f"Route '{options.route}': this base model has {layers} layers.")
+        if policy.hidden_layer < 0:  # counted back from the last layer
+            policy = replace(policy, hidden_layer=layers + 1 + policy.hidden_layer)
+    if options.merge is not None:
+        try:
+            mixture.state.check_mode(options.merge)
+        except LoramixError as exc:
+            raise OptionError("merge", sentence=str(exc)) from None
+    tokenizer = mixture.tokenizer
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise OptionError("prompt", sentence=f"Prompt {index} is empty; give some text to continue.")
+        prompt_ids = tokenizer(prompt).input_ids
+    else:
+        prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise OptionError("prompt", sentence=f"Prompt {index} has no tokens; give some text to continue.")
+        vocabulary = len(tokenizer)
+        if any(not 0 <= t < vocabulary for t in prompt_ids):
+            raise OptionError("prompt", sentence=f"Prompt {index} has token ids outside the vocabulary "
+                              f"(0..{vocabulary - 1}).")  # fmt: skip
+        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    try:
+        mixture.check_context(len(prompt_ids), options.max_new_tokens)
+    except LoramixError as exc:  # the prompt is what it is: the fix the message offers is fewer new tokens
+        raise OptionError("max_new_tokens", sentence=str(exc)) from None
+    return SequenceState(index, prompt, prompt_ids, options, policy, IncrementalDetokenizer(tokenizer))
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:

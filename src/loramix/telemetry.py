@@ -16,6 +16,7 @@ class ServerMetrics:
         self.prompt_tokens = Counter("loramix_prompt_tokens", "Prompt tokens received", registry=r)
         self.generated_tokens = Counter("loramix_generated_tokens", "Tokens generated", registry=r)
         self.cancelled = Counter("loramix_cancelled_sequences", "Sequences cancelled by their client", registry=r)
+        self.failed = Counter("loramix_failed_sequences", "Sequences ended alone by a failure of their own", registry=r)
         self.queue_depth = Gauge("loramix_queue_depth", "Sequences waiting to join the batch", registry=r)
         self.running = Gauge("loramix_running_sequences", "Sequences in the running batch", registry=r)
         self.time_to_first_token = Histogram(
