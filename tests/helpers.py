@@ -116,6 +116,8 @@ def start_server(*args: str, timeout: float = 120.0):
     import httpx
 
     port = free_port()
+    if "--dtype" not in args:  # the exactness reference, as the in-process models it is compared with
+        args = (*args, "--dtype", "fp32")
     process = subprocess.Popen(
         [sys.executable, "-m", "loramix", "serve", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -145,3 +147,28 @@ def stop_server(process) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=15)
+
+
+def streamed(url: str, body: dict, on_chunk=None) -> dict:
+    """A streamed completion: its text, whether it ended with [DONE], any error event, and its chunk count.
+    `on_chunk(count)` is called after each token chunk (e.g. to act mid-stream)."""
+    import json
+
+    import httpx
+
+    out = {"text": "", "done": False, "error": None, "chunks": 0, "status": None}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=300) as response:
+        out["status"] = response.status_code
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                out["done"] = True
+            elif line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out["error"] = chunk["error"]
+                else:
+                    out["chunks"] += 1
+                    out["text"] += chunk["choices"][0]["text"]
+                    if on_chunk is not None:
+                        on_chunk(out["chunks"])
+    return out

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from helpers import start_server, stop_server
+from helpers import start_server, stop_server, streamed
 from loramix.errors import LoramixError
 from loramix.ray_serve import RaySettings
 
@@ -77,6 +78,17 @@ def test_two_replicas_serve_the_same_answers_and_shutdown_leaves_no_ray_process(
             assert text == expected.text, i
         replicas = {replica for replica, _ in answers}
         assert len(replicas) == 2, f"both replicas served requests: {replicas}"
+        # SIGTERM mid-stream: Ray Serve's graceful shutdown lets the running stream finish
+        body = {"model": "loramix", "prompt": PROMPTS[0], "max_tokens": 200, "min_tokens": 200, "temperature": 0}
+        signalled = threading.Event()
+
+        def on_chunk(count: int) -> None:
+            if count == 5 and not signalled.is_set():
+                signalled.set()
+                process.send_signal(signal.SIGTERM)
+
+        drained = streamed(url, body, on_chunk)
+        assert signalled.is_set() and drained["done"] and drained["error"] is None and drained["chunks"] == 200
     finally:
         process.send_signal(signal.SIGTERM)
         try:

@@ -73,15 +73,71 @@ def test_an_api_key_is_required_when_set(tiny_mixture):
         assert client.get("/metrics").status_code == 200
 
 
-def test_a_full_queue_answers_429(tiny_mixture):
+def _slow_steps(monkeypatch, seconds: float = 0.03) -> None:
+    """Each decode step takes a little while, so requests overlap as they would on a real model."""
+    from loramix.runner import ModelRunner
+
+    real = ModelRunner.decode
+
+    def slow(self, lane):
+        time.sleep(seconds)
+        return real(self, lane)
+
+    monkeypatch.setattr(ModelRunner, "decode", slow)
+
+
+def test_a_full_queue_answers_429_and_the_queued_requests_still_finish(tiny_mixture, monkeypatch):
+    _slow_steps(monkeypatch)
+    long = {**BODY, "max_tokens": 40, "min_tokens": 40}
     with TestClient(create_app(ServeSettings(max_batch=1, max_queue=2), load=lambda: tiny_mixture)) as client:
         wait_healthy(client)
-        too_many = client.post("/v1/completions", json={**BODY, "n": 3})
-        assert too_many.status_code == 429 and too_many.json()["error"]["type"] == "rate_limit_error"
+        statuses = {}
+        threads = [
+            threading.Thread(target=lambda i=i: statuses.__setitem__(i, client.post("/v1/completions", json=long)))
+            for i in range(3)
+        ]  # one runs, two wait: the queue is full
+        for thread in threads:
+            thread.start()
+            time.sleep(0.3)
+        assert client.get("/health").json()["waiting"] == 2
+        refused = client.post("/v1/completions", json=BODY)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.headers["retry-after"]
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [statuses[i].status_code for i in range(3)] == [200, 200, 200]
         assert client.post("/v1/completions", json={**BODY, "n": 2}).status_code == 200
 
 
-def test_a_failing_engine_step_ends_the_running_requests_with_500_and_the_server_goes_on(tiny_mixture, monkeypatch):
+def test_a_request_whose_sampling_fails_ends_alone_and_the_others_go_on(tiny_mixture, monkeypatch):
+    import loramix.engine as engine_module
+
+    _slow_steps(monkeypatch)
+    real = engine_module.choose_token
+
+    def choose(logits, temperature, *args):
+        if temperature == 0.5:  # only the doomed request samples at 0.5
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, temperature, *args)
+
+    monkeypatch.setattr(engine_module, "choose_token", choose)
+    other = {**BODY, "max_tokens": 30, "min_tokens": 30}
+    with TestClient(create_app(ServeSettings(), load=lambda: tiny_mixture)) as client:
+        wait_healthy(client)
+        answers = {}
+        thread = threading.Thread(target=lambda: answers.update(ok=client.post("/v1/completions", json=other)))
+        thread.start()
+        time.sleep(0.3)
+        doomed = client.post("/v1/completions", json={**BODY, "temperature": 0.5})
+        thread.join(timeout=60)
+        assert doomed.status_code == 500 and "probability tensor" in doomed.json()["error"]["message"]
+        assert "other requests were not affected" in doomed.json()["error"]["message"]
+        expected = tiny_mixture.generate(BODY["prompt"], max_new_tokens=30, min_new_tokens=30).text
+        assert answers["ok"].status_code == 200 and answers["ok"].json()["choices"][0]["text"] == expected
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_failure_no_request_owns_ends_the_running_requests_with_500_and_the_server_goes_on(tiny_mixture, monkeypatch):
     from loramix.engine import Engine
 
     real_step = Engine.step
@@ -105,7 +161,8 @@ def test_a_failing_engine_step_ends_the_running_requests_with_500_and_the_server
 @pytest.mark.parametrize(
     "settings,match",
     [(dict(max_batch=0), "max-batch"), (dict(port=70000), "port"), (dict(every_k=0), "every-k"),
-     (dict(merge="sum"), "merge")],
+     (dict(merge="sum"), "merge"), (dict(prefill_chunk=0), "prefill-chunk"),
+     (dict(max_batch_tokens=0), "max-batch-tokens"), (dict(shutdown_timeout=-1), "shutdown-timeout")],
 )  # fmt: skip
 def test_bad_server_settings_are_refused_at_start(settings, match):
     with pytest.raises(LoramixError, match=match):

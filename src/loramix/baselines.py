@@ -26,11 +26,11 @@ class ArrowBaseline:
 
     def __init__(
         self, bundle: Bundle, top_k: int = ARROW_SETTINGS["top_k"], temperature: float = ARROW_SETTINGS["temperature"],
-        device: str = "cpu",
+        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     ):  # fmt: skip
         from peft import ArrowConfig, create_arrow_model
 
-        model, self.tokenizer = load_base_model(bundle.base_model, device=device)
+        model, self.tokenizer = load_base_model(bundle.base_model, device=device, dtype=dtype)
         self.top_k = min(top_k, len(bundle.experts))
         self.temperature = temperature
         paths = [str(bundle.root / entry.path) for entry in bundle.experts]

@@ -16,6 +16,7 @@ from loramix import __version__
 from loramix.adapters import ExpertAdapter, adapter_folder, check_same_base, load_expert
 from loramix.bundle import ROUTER_FILE, Bundle, ExpertEntry
 from loramix.errors import LoramixError
+from loramix.hardware import Placement
 from loramix.hidden_router import (
     HIDDEN_ROUTER_FILE,
     build_hidden_centroids,
@@ -55,10 +56,16 @@ def _adopt(root: Path, adapter: ExpertAdapter, source: RouterTexts) -> ExpertEnt
     return ExpertEntry(adapter.name, str(target.relative_to(root)), source.task, texts_file)
 
 
-def _checked_base_model(base_model: str, adapters: list[ExpertAdapter]):
+def _placed(placement: Placement | None) -> tuple[torch.device, torch.dtype]:
+    """Where centroid building runs (the library's default: fp32 on the CPU, the exactness reference)."""
+    return (placement or Placement("cpu", "fp32")).resolve()
+
+
+def _checked_base_model(base_model: str, adapters: list[ExpertAdapter], placement: Placement | None = None):
     """(model, tokenizer, signature) of the base model, the adapters refused unless they were trained on it and fit
     its shapes; the model comes back plain (experts off)."""
-    model, tokenizer = load_base_model(base_model)
+    device, dtype = _placed(placement)
+    model, tokenizer = load_base_model(base_model, dtype=dtype, device=device)
     signature = base_model_signature(model)
     check_same_base(adapters, signature, base_model)
     attach_experts(model, adapters)  # raises a clear error if any shape does not fit this base model
@@ -95,7 +102,7 @@ def _hidden_rows(model, tokenizer, prompts: Mapping[str, list[str]], batch_size:
 
 def build_hidden_router(
     root: str | Path, max_examples: int = HIDDEN_EXAMPLES, data: str | Path | None = None, batch_size: int = 8,
-    texts: str = "prompts",
+    texts: str = "prompts", placement: Placement | None = None,
 ) -> Path:  # fmt: skip
     """(Re)build a bundle's hidden-state centroids (`hidden` routes) from each expert's router texts.
 
@@ -105,7 +112,8 @@ def build_hidden_router(
     if texts not in HIDDEN_CENTROID_TEXTS:
         raise LoramixError(f"--texts must be one of {', '.join(HIDDEN_CENTROID_TEXTS)}, got '{texts}'.")
     bundle = Bundle.load(root)
-    model, tokenizer = load_base_model(bundle.base_model)
+    device, dtype = _placed(placement)
+    model, tokenizer = load_base_model(bundle.base_model, dtype=dtype, device=device)
     chosen = {}
     for entry in bundle.experts:
         described_by = str(bundle.root / entry.texts) if entry.texts else entry.task or entry.name
@@ -128,6 +136,7 @@ def build_bundle(
     max_examples: int | None = None,
     progress: bool = False,
     texts: Mapping[str, str] | None = None,
+    placement: Placement | None = None,
 ) -> Bundle:
     """Gather experts into `root`, check they fit the base model, build both routers from each expert's texts.
 
@@ -150,7 +159,7 @@ def build_bundle(
     adapters = [load_expert(adapter_folder(path), name) for name, path in experts.items()]
     sources = {a.name: load_router_texts(_texts_source(a, texts or {}), data, max_examples) for a in adapters}
 
-    model, tokenizer, signature = _checked_base_model(base_model, adapters)
+    model, tokenizer, signature = _checked_base_model(base_model, adapters, placement)
     hidden_texts = {name: source.for_hidden_router[:HIDDEN_EXAMPLES] for name, source in sources.items()}
     hidden = _hidden_rows(model, tokenizer, hidden_texts)
     del model
@@ -159,7 +168,7 @@ def build_bundle(
     entries = [_adopt(root, adapter, sources[adapter.name]) for adapter in adapters]
     names = [e.name for e in entries]
     text_texts = {name: source.for_text_router for name, source in sources.items()}
-    centroids = build_centroids(Embedder(embedder), text_texts, progress=progress)
+    centroids = build_centroids(Embedder(embedder, _placed(placement)[0]), text_texts, progress=progress)
     save_centroids(root / ROUTER_FILE, centroids, names, embedder)
     save_hidden_centroids(root / HIDDEN_ROUTER_FILE, hidden, names, HIDDEN_EXAMPLES)
     bundle = Bundle(
@@ -184,7 +193,7 @@ def build_bundle(
 
 def add_expert(
     root: str | Path, name: str, adapter: str | Path, texts: str | None = None, data: str | Path | None = None,
-    max_examples: int | None = None,
+    max_examples: int | None = None, placement: Placement | None = None,
 ) -> Bundle:  # fmt: skip
     """Add one expert to a bundle: its text-router row and hidden-state rows are built from its texts alone, the
     other experts' rows are kept as they are."""
@@ -193,14 +202,14 @@ def add_expert(
         raise LoramixError(f"The bundle already has an expert '{name}'; remove it first or choose another name.")
     expert = load_expert(adapter_folder(adapter), name)
     source = load_router_texts(_texts_source(expert, {name: texts} if texts else {}), data, max_examples)
-    model, tokenizer, _ = _checked_base_model(bundle.base_model, [expert])
+    model, tokenizer, _ = _checked_base_model(bundle.base_model, [expert], placement)
     hidden_file = bundle.root / HIDDEN_ROUTER_FILE
     hidden = None
     if hidden_file.is_file():
         new_rows = _hidden_rows(model, tokenizer, {name: source.for_hidden_router[:HIDDEN_EXAMPLES]})
         hidden = torch.cat([load_hidden_centroids(hidden_file, bundle.expert_names), new_rows], dim=1)
     del model
-    row = build_centroids(Embedder(bundle.embedder), {name: source.for_text_router})
+    row = build_centroids(Embedder(bundle.embedder, _placed(placement)[0]), {name: source.for_text_router})
     centroids = torch.cat([bundle.load_centroids(), row])
 
     bundle.experts.append(_adopt(bundle.root, expert, source))

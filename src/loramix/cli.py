@@ -13,12 +13,15 @@ from rich.console import Console
 
 from loramix import __version__
 from loramix.errors import LoramixError
+from loramix.hardware import Placement
+from loramix.loadtest import LoadtestOptions
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
 from loramix.options import options_from_values, takes_options
 from loramix.ray_serve import RaySettings
 from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP
 from loramix.sequences import GenerationOptions
 from loramix.server import ServeSettings
+from loramix.tasks import parse_tasks
 from loramix.training import TrainConfig
 
 app = typer.Typer(
@@ -121,6 +124,7 @@ MaxExamples = Annotated[int | None, typer.Option(help="Texts per expert for its 
 
 
 @router_app.command("build")
+@takes_options(Placement, name="placement")
 def router_build(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder to create or refresh.")],
     expert: Experts = [],  # noqa: B006 - typer reads the default, never mutates it
@@ -129,6 +133,7 @@ def router_build(
     embedder: Annotated[str, typer.Option(help="Sentence embedder for routing.")] = DEFAULT_EMBEDDER,
     max_examples: MaxExamples = None,
     data_dir: DataDir = None,
+    placement: Placement = None,
 ) -> None:
     """Build both routers (text centroids and hidden-state centroids) from each expert's texts; write bundle.json."""
     from loramix.bundle_build import build_bundle
@@ -136,13 +141,14 @@ def router_build(
     experts = _name_value_pairs(expert, "--expert", "DIR") or None
     result = build_bundle(
         bundle, experts, base_model=base, embedder=embedder, data=data_dir, max_examples=max_examples,
-        progress=True, texts=_name_value_pairs(texts, "--texts", "SOURCE"),
+        progress=True, texts=_name_value_pairs(texts, "--texts", "SOURCE"), placement=placement,
     )  # fmt: skip
     counts = ", ".join(f"{k}: {v}" for k, v in result.info["router_examples"].items())
     console.print(f"[green]bundle written to {bundle}[/] (experts {', '.join(result.expert_names)}; texts {counts})")
 
 
 @router_app.command("hidden")
+@takes_options(Placement, name="placement")
 def router_hidden(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder to add hidden-state centroids to.")],
     max_examples: Annotated[int, typer.Option(help="Training texts per expert.")] = 300,
@@ -151,11 +157,12 @@ def router_hidden(
         "prompts"
     ),
     data_dir: DataDir = None,
+    placement: Placement = None,
 ) -> None:
     """Centroids of the base model's own hidden states (every layer), for `--route hidden:L/RULE`."""
     from loramix.bundle_build import build_hidden_router
 
-    path = build_hidden_router(bundle, max_examples, data_dir, batch_size, texts)
+    path = build_hidden_router(bundle, max_examples, data_dir, batch_size, texts, placement)
     console.print(f"[green]hidden-state centroids written to {path}[/]")
 
 
@@ -186,6 +193,7 @@ def bundle_list(
 
 
 @bundle_app.command("add")
+@takes_options(Placement, name="placement")
 def bundle_add(
     bundle: BundleArg,
     expert: Annotated[str, typer.Option("--expert", help="NAME=ADAPTER: the PEFT LoRA folder (or Hub id) to add.")],
@@ -194,12 +202,13 @@ def bundle_add(
     ] = None,
     max_examples: MaxExamples = None,
     data_dir: DataDir = None,
+    placement: Placement = None,
 ) -> None:
     """Add one expert; only its own router rows are built, the others' are kept."""
     from loramix.bundle_build import add_expert
 
     ((name, adapter),) = _name_value_pairs([expert], "--expert", "DIR").items()
-    result = add_expert(bundle, name, adapter, texts, data_dir, max_examples)
+    result = add_expert(bundle, name, adapter, texts, data_dir, max_examples, placement)
     console.print(f"[green]added '{name}' to {bundle}[/] (experts {', '.join(result.expert_names)})")
 
 
@@ -213,6 +222,7 @@ def bundle_remove(bundle: BundleArg, name: Annotated[str, typer.Argument(help="T
 
 
 @app.command()
+@takes_options(Placement, name="placement")
 @takes_options(GenerationOptions)
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts ('-' reads one from stdin).")],
@@ -223,6 +233,7 @@ def generate(
     ] = False,
     embedder_dtype: EmbedderDtype = "auto",
     options: GenerationOptions = None,
+    placement: Placement = None,
 ) -> None:
     """Generate with token-level routing."""
     from loramix.display import legend, timing_line, token_piece, trace, weights_summary
@@ -230,7 +241,8 @@ def generate(
 
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
     options.validate()
-    mixture = MixtureModel.from_bundle(bundle, embedder_dtype=embedder_dtype)
+    device, dtype = placement.resolve()
+    mixture = MixtureModel.from_bundle(bundle, embedder_dtype=embedder_dtype, device=device, dtype=dtype)
     names = mixture.expert_names
     if as_json or len(prompts) > 1:
         results = mixture.generate(prompts, options)
@@ -256,6 +268,7 @@ def generate(
 
 
 @app.command("eval")
+@takes_options(Placement, name="placement")
 def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Folder for items.jsonl, results.json/.md and plots.")],
     bundle: BundleDir = None,
@@ -279,6 +292,7 @@ def evaluate(
     rescore: Annotated[
         bool, typer.Option(help="Score the stored predictions again with today's metrics (no generation), then report.")
     ] = False,
+    placement: Placement = None,
 ) -> None:
     """The paper's comparison with bootstrap CIs; re-running resumes (finished items are skipped)."""
     from loramix.evaluation import EvalPlan, distributed_rank, run_evaluation
@@ -289,11 +303,11 @@ def evaluate(
         _print_rescore(rescore_stored(out, data_dir, split))
         report_only = True
 
-    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    task_list = parse_tasks(tasks)
     plan = EvalPlan(
         bundle=bundle, tasks=task_list, configs=configs, out=out, limit=limit, batch_size=batch_size, split=split,
         data=data_dir, decode=decode, merge=merge, route=route, max_new_tokens=max_new_tokens,
-        embedder_dtype=embedder_dtype,
+        embedder_dtype=embedder_dtype, device=placement.device, dtype=placement.dtype,
     )  # fmt: skip
     rank, world = distributed_rank()
     if not report_only:
@@ -339,6 +353,7 @@ def _report_meta(bundle: Path | None, split: str) -> dict:
 
 
 @app.command()
+@takes_options(Placement, name="placement")
 def specialist(
     out: Annotated[Path, typer.Option("--out", help="Folder for answer_loss.jsonl (and the report, results.md).")],
     bundle: BundleDir = None,
@@ -347,6 +362,7 @@ def specialist(
     batch_size: Annotated[int, typer.Option(help="Items scored together.")] = 8,
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     data_dir: DataDir = None,
+    placement: Placement = None,
 ) -> None:
     """Gold-answer loss of the base model and of each expert alone on every task (the specialist matrix by
     teacher forcing); resumable, and added to the eval report in the same folder."""
@@ -355,8 +371,8 @@ def specialist(
     from loramix.report import write_report
     from loramix.specialist import SpecialistPlan, run_specialist
 
-    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
-    plan = SpecialistPlan(bundle, task_list, out, limit, batch_size, split, data_dir)
+    task_list = parse_tasks(tasks)
+    plan = SpecialistPlan(bundle, task_list, out, limit, batch_size, split, data_dir, placement)
     store = run_specialist(plan)
     if store.dropped:
         err_console.print(f"[yellow]{store.dropped} unreadable line(s) were dropped and redone.[/]")
@@ -376,7 +392,7 @@ def specialist(
 def _print_results(results: dict) -> None:
     from rich.table import Table
 
-    from loramix.tasks import TASKS
+    from loramix.tasks import ALL_TASKS as TASKS
 
     tasks = [t for t in TASKS if any(t in row for row in results["table"].values())]
     table = Table(title="primary metric x100 [95% CI]", title_justify="left")
@@ -400,6 +416,7 @@ def _print_results(results: dict) -> None:
 
 
 @app.command()
+@takes_options(Placement, name="placement")
 def bench(
     out: Annotated[Path, typer.Option("--out", help="Folder for bench.json, bench.md and the plot.")] = Path(
         "runs/bench"
@@ -414,6 +431,7 @@ def bench(
         bool | None, typer.Option(help="Also time every decode x k x merge mode at batch 1 (default: full runs).")
     ] = None,
     data_dir: DataDir = None,
+    placement: Placement = None,
 ) -> None:
     """Speed against the reference loop, PEFT alternatives and plain decoding."""
     from loramix.bench import keep_other_machines, run_benchmark, write_report_files
@@ -427,6 +445,7 @@ def bench(
     report = run_benchmark(
         out, quick=quick, bundle=bundle, data=data_dir, tokens=numbers(tokens), batches=numbers(batches),
         repeats=repeats, with_merge_grid=merge_grid, progress=lambda line: console.print(line, highlight=False),
+        placement=placement,
     )  # fmt: skip
     text, plot = write_report_files(report, out, "loramix " + " ".join(sys.argv[1:]))
     if markdown is not None:
@@ -475,46 +494,55 @@ def serve(
 
 
 @app.command()
-def loadtest(
-    url: Annotated[str, typer.Option(help="A running `loramix serve` on this machine.")] = "http://127.0.0.1:8000",
-    clients: Annotated[str, typer.Option(help="Concurrency levels, e.g. 1,4,8,16.")] = "1,4,8,16",
-    requests: Annotated[int, typer.Option(help="Requests per level (the same ones at every level).")] = 16,
-    max_tokens: Annotated[int, typer.Option(help="Tokens per request (no early end).")] = 64,
-    every_k: Annotated[int | None, typer.Option("--every-k", help="Sent as every_k (default: the server's).")] = None,
-    route: Annotated[str | None, typer.Option(help="Sent as route (default: the server's).")] = None,
-    api_key: Annotated[str | None, typer.Option(help="Bearer key, if the server wants one.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the report as JSON here.")] = None,
-) -> None:
-    """Concurrent streaming clients against a running server (loopback only): tokens/s, TTFT, inter-token latency."""
-    from loramix.loadtest import TABLE_HEADER, run_loadtest
+@takes_options(LoadtestOptions)
+def loadtest(options: LoadtestOptions = None) -> None:
+    """Concurrent streaming clients against a running server (loopback only): tokens/s, TTFT, inter-token latency;
+    or a long prompt arriving beside running streams; or every client asking for its own mixture."""
+    from loramix.loadtest import TABLE_HEADER, expert_count, run_loadtest, run_long_prompt
 
-    try:
-        levels = tuple(int(x) for x in clients.split(","))
-    except ValueError:
-        raise LoramixError(f"--clients takes comma-separated whole numbers, got '{clients}'.") from None
-    extra = {k: v for k, v in (("every_k", every_k), ("route", route)) if v is not None}
-    console.print(TABLE_HEADER, highlight=False)
-    report = run_loadtest(
-        url, levels, requests, max_tokens, api_key=api_key, extra=extra,
-        progress=lambda row: console.print(row, highlight=False),
-    )  # fmt: skip
-    if out is not None:
+    levels = options.levels()
+    if options.scenario == "long-prompt":
+        report = run_long_prompt(
+            options.url, levels[0], options.max_tokens, options.long_tokens, api_key=options.api_key,
+            model=options.model, extra=options.extra(),
+        )  # fmt: skip
+        console.print(
+            f"{levels[0]} stream(s): longest gap after the long prompt arrived "
+            f"{report['longest_gap_after_arrival']:.2f} s (median gap {report['median_gap']:.3f} s); the long "
+            f"prompt's first token after {report['long_ttft'] or float('nan'):.1f} s"
+            + (f" [error: {report['long_error']}]" if report["long_error"] else ""),
+            highlight=False,
+        )
+    else:
+        mixtures = None
+        if options.scenario == "mixtures":
+            mixtures = (expert_count(options.url, options.api_key, options.flavour), options.flavour)
+        console.print(TABLE_HEADER, highlight=False)
+        report = run_loadtest(
+            options.url, levels, options.requests, options.max_tokens, api_key=options.api_key,
+            extra=options.extra(), progress=lambda row: console.print(row, highlight=False), model=options.model,
+            mixtures=mixtures,
+        )  # fmt: skip
+    if options.out is not None:
+        out = Path(options.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2), encoding="utf-8")
         console.print(f"[green]report written to {out}[/]")
 
 
 @app.command()
+@takes_options(Placement, name="placement")
 def demo(
     bundle: BundleDir = None,
     every_k: Annotated[int, typer.Option("--every-k", help="Re-route every k generated tokens.")] = DEFAULT_EVERY_K,
     route: Annotated[str, typer.Option(help=ROUTE_HELP)] = DEFAULT_ROUTE,
     data_dir: DataDir = None,
+    placement: Placement = None,
 ) -> None:
     """One held-out prompt per task through token-level routing, with the trace."""
     from loramix.demo import run_demo
 
-    run_demo(bundle, every_k, console, data_dir, route=route)
+    run_demo(bundle, every_k, console, data_dir, route=route, placement=placement)
 
 
 @app.command()
@@ -543,6 +571,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         "embedder": DEFAULT_EMBEDDER,
         "embedder_path": attempt(lambda: resolve_embedder(DEFAULT_EMBEDDER)),
         "data_dir": attempt(data_dir),
+        "auto_placement": _auto_placement(),
         "versions": package_versions(),
     }
     if as_json:
@@ -550,6 +579,18 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         return
     for key, value in report.items():
         console.print(f"[bold]{key:>22}[/]  {value}", highlight=False)
+
+
+def _auto_placement() -> str:
+    """What --device auto --dtype auto chooses here, and why (on a CPU: the bf16 probe's times)."""
+    from loramix.hardware import DTYPE_NAMES, cpu_bf16_verdict
+
+    device, dtype = Placement().resolve()
+    why = ""
+    if device.type == "cpu":
+        probe = cpu_bf16_verdict()
+        why = f" (probe of a decode-sized step on this CPU: fp32 {probe['fp32_ms']} ms, bf16 {probe['bf16_ms']} ms)"
+    return f"{device} {DTYPE_NAMES[dtype]}{why}"
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from rich.rule import Rule
 from loramix.bundle import BUNDLE_FILE, default_bundle_path, quick_bundle_path
 from loramix.bundle_build import build_bundle
 from loramix.errors import LoramixError
+from loramix.hardware import Placement
 from loramix.paths import data_dir
 from loramix.router import DEFAULT_ROUTE
 from loramix.tasks import TASKS, Example, Task
@@ -77,15 +78,18 @@ def run_demo(
     console: Console,
     data: str | Path | None = None,
     route: str = DEFAULT_ROUTE,
+    placement: Placement | None = None,
 ) -> None:
     from loramix.display import legend, timing_line, trace, weights_summary
     from loramix.generation import MixtureModel
 
     root = Path(bundle) if bundle else ensure_bundle(console, data)
-    mixture = MixtureModel.from_bundle(root)
+    device, dtype = (placement or Placement()).resolve()
+    mixture = MixtureModel.from_bundle(root, device=device, dtype=dtype)
     schedule = "every token" if every_k == 1 else f"every {every_k} tokens"
     console.print(
-        f"bundle: {root}  (base {mixture.bundle.base_model}, merge {mixture.merge}, route {route}, re-route {schedule})"
+        f"bundle: {root}  (base {mixture.bundle.base_model} on {device} in {mixture.placement['dtype']}, "
+        f"merge {mixture.merge}, route {route}, re-route {schedule})"
     )
     console.print(legend(mixture.expert_names))
     examples, origin = demo_examples(data)

@@ -26,10 +26,12 @@ import torch
 
 from loramix.runner import Lane, ModelRunner, left_pad, left_padded_positions
 from loramix.sampler import choose_token, token_logprobs
-from loramix.scheduler import MIXTURE, ROUTING, Budgets, Scheduler
+from loramix.scheduler import MIXTURE, ROUTING, Budgets, ChunkSizer, Scheduler
 from loramix.sequences import SequenceState, TokenEvent
 
 __all__ = ["Budgets", "Engine", "left_pad", "left_padded_positions"]
+
+IDLE_PREFILL_FACTOR = 8  # bigger chunks while no sequence decodes: a long prompt alone is not slowed down
 
 
 class Engine:
@@ -37,11 +39,13 @@ class Engine:
 
     def __init__(
         self, mixture, max_batch: int | None = None, max_batch_tokens: int | None = None,
-        prefill_chunk: int | None = None,
+        prefill_chunk: int | None = None, prefill_seconds: float | None = None,
     ):  # fmt: skip
         self.mx = mixture
         self.runner = ModelRunner(mixture)
-        self.scheduler = Scheduler(Budgets(max_batch, max_batch_tokens, prefill_chunk))
+        budgets = Budgets(max_batch, max_batch_tokens, prefill_chunk, prefill_seconds)
+        self.scheduler = Scheduler(budgets)
+        self.chunks = ChunkSizer(prefill_chunk, prefill_seconds)
         self.lanes: dict[str, Lane] = {}
         self._lock = threading.Lock()  # add/cancel may come from other threads than the one stepping
         self._failed: list[TokenEvent] = []  # sequences ended by a failure since the last step's events
@@ -106,13 +110,18 @@ class Engine:
             self.scheduler.prefill(seq, seq.prompt_ids, seq.options.merge or self.mx.merge, stage)
 
     def _prefill(self) -> None:
-        """Prefill passes until the step's budget of prompt tokens is spent (or nothing is left to prefill)."""
-        budget = self.scheduler.budgets.prefill_chunk
+        """Prefill passes until the step's budget of prompt tokens is spent (or nothing is left to prefill). With
+        nothing decoding there is no stream to keep flowing: the budget is IDLE_PREFILL_FACTOR times larger."""
+        budget = self.chunks.budget()
+        if budget is not None and not any(lane.rows for lane in self.lanes.values()):
+            budget *= IDLE_PREFILL_FACTOR
         while (budget is None or budget > 0) and (work := self.scheduler.next_work(budget)):
             if budget is not None:
                 budget -= work.tokens
             jobs = [job for job in work.jobs]
+            began = time.perf_counter()
             through = self._guarded_work(work)
+            self.chunks.observe_prefill(work.tokens, time.perf_counter() - began)
             if work.stage == ROUTING:
                 self._guarded(self._route, [job.seq for job in through])
             for job in jobs:
@@ -165,7 +174,9 @@ class Engine:
                 lane.weights_changed()
             if lane.rows:
                 try:
+                    began = time.perf_counter()
                     self.runner.decode(lane)
+                    self.chunks.observe_decode(time.perf_counter() - began)
                 except Exception as exc:  # noqa: BLE001 - the lane's rows share its cache: they end, others go on
                     message = _describe(exc)
                     self._failed += [seq.fail(message) for seq in lane.rows]

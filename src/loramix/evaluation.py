@@ -30,12 +30,13 @@ from loramix.baselines import ARROW_SETTINGS
 from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.errors import LoramixError
 from loramix.generation import GenerationResult
+from loramix.hardware import DTYPE_NAMES, Placement
 from loramix.hub import HubData
 from loramix.metrics import choose_by_loglik
 from loramix.mixture import MERGE_MODES
 from loramix.paths import data_dir
 from loramix.store import REQUIRED_FIELDS, ItemStore, parse_record
-from loramix.tasks import TASKS, Example, get_task
+from loramix.tasks import Example, get_task
 
 # Every stored key hashes `"scoring": 1` (its name since the first results). A prediction does not depend on how
 # it is scored, so a metric change does not change keys (that would regenerate everything): it bumps
@@ -172,9 +173,10 @@ def generation_budget(task: str, cap: int | None) -> int:
 
 def item_key(
     config: EvalConfig, task: str, bundle: Bundle, fingerprint: BundleFingerprint, split: str, cap: int | None = None,
-    hub_data: str | None = None,
+    hub_data: str | None = None, model_dtype: str = "fp32",
 ) -> str:  # fmt: skip
-    """A hash of everything an item's result depends on, and nothing else (so changes redo only what they touch)."""
+    """A hash of everything an item's result depends on, and nothing else (so changes redo only what they touch).
+    The model's precision is added only when it is not fp32, so every fp32 result keeps its key."""
     spec = get_task(task)
     parts: dict = {
         "task": task,
@@ -186,6 +188,8 @@ def item_key(
     }
     if hub_data is not None:  # data from the Hub: never the same items as the data folder's (added only here)
         parts["data"] = hub_data
+    if model_dtype != "fp32":  # bf16 and fp16 items never mix with fp32 ones (added only here)
+        parts["dtype"] = model_dtype
     if config.kind != "base":
         used = (
             [config.route_for(task, bundle).split(":", 1)[1]]
@@ -281,6 +285,8 @@ class EvalPlan:
     route: str = "paper"
     max_new_tokens: int | None = None  # caps each task's generation budget (smoke runs)
     embedder_dtype: str = "auto"  # routing-time embedder precision (see Embedder)
+    device: str = "auto"  # where the model runs (`loramix.hardware`)
+    dtype: str = "auto"  # its precision
 
 
 def letter_token_ids(tokenizer, letters: tuple[str, ...]) -> tuple[int, ...]:
@@ -321,10 +327,11 @@ def _record(
 class _Engines:
     """Loads the mixture model (and the Arrow baseline) once, on first use."""
 
-    def __init__(self, bundle: Bundle, cap: int | None, embedder_dtype: str):
+    def __init__(self, bundle: Bundle, cap: int | None, embedder_dtype: str, placement: tuple):
         self.bundle = bundle
         self.cap = cap
         self.embedder_dtype = embedder_dtype
+        self.device, self.dtype = placement
         self._mixture = None
         self._arrow = None
 
@@ -333,7 +340,9 @@ class _Engines:
         if self._mixture is None:
             from loramix.generation import MixtureModel
 
-            self._mixture = MixtureModel.from_bundle(self.bundle.root, embedder_dtype=self.embedder_dtype)
+            self._mixture = MixtureModel.from_bundle(
+                self.bundle.root, embedder_dtype=self.embedder_dtype, device=self.device, dtype=self.dtype
+            )
         return self._mixture
 
     @property
@@ -341,7 +350,7 @@ class _Engines:
         if self._arrow is None:
             from loramix.baselines import ArrowBaseline
 
-            self._arrow = ArrowBaseline(self.bundle)
+            self._arrow = ArrowBaseline(self.bundle, device=self.device, dtype=self.dtype)
         return self._arrow
 
     def generate(self, config: EvalConfig, task: str, prompts: list[str], candidates: tuple[int, ...]):
@@ -385,8 +394,10 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
     rank, world = distributed_rank()
     store = ItemStore(plan.out, rank=rank).load()
     root = data_dir(plan.data)
-    examples = {task: TASKS[task].load(root, plan.split)[: plan.limit] for task in plan.tasks}
-    engines = _Engines(bundle, plan.max_new_tokens, routing_dtype)
+    examples = {task: get_task(task).load(root, plan.split)[: plan.limit] for task in plan.tasks}
+    placement = Placement(plan.device, plan.dtype).resolve()
+    model_dtype = DTYPE_NAMES[placement[1]]
+    engines = _Engines(bundle, plan.max_new_tokens, routing_dtype, placement)
     stored_keys = store.keys_by_cell()
     plan_of_work = []  # every check runs before any generation, so a refusal wastes no time
     for config in configs:
@@ -395,7 +406,7 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
             if config.kind == "oracle":
                 oracle_expert(bundle, task)  # fail early with a clear message
             hub_data = get_task(task).data_name(root) if isinstance(root, HubData) else None
-            key = item_key(config, task, bundle, fingerprint, plan.split, plan.max_new_tokens, hub_data)
+            key = item_key(config, task, bundle, fingerprint, plan.split, plan.max_new_tokens, hub_data, model_dtype)
             _refuse_mixed_settings(store.folder, stored_keys[(config.name, task)], config.name, task, key)
             work += [(task, key, e) for e in examples[task][rank::world]]
         plan_of_work.append((config, work))
@@ -403,8 +414,9 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
         # filtered only now: configs can share a key (expert:E on E's task is the oracle), scored once
         work = [(task, key, e) for task, key, e in work if not store.has(key, e.id)]
         if work:
-            data_names = {task: get_task(task).data_name(root) for task in plan.tasks}
-            _run_config(config, work, engines, store, plan.batch_size, progress, on_batch, data_names)
+            # what each record names besides its scores: where its data came from, the model's precision
+            named = {task: {"data": get_task(task).data_name(root), "dtype": model_dtype} for task in plan.tasks}
+            _run_config(config, work, engines, store, plan.batch_size, progress, on_batch, named)
     return store
 
 
@@ -418,7 +430,7 @@ def _refuse_mixed_settings(folder: Path, stored: set[str], config: str, task: st
         )
 
 
-def _run_config(config, work, engines, store, batch_size, progress, on_batch, data_names) -> None:
+def _run_config(config, work, engines, store, batch_size, progress, on_batch, named) -> None:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -448,8 +460,7 @@ def _run_config(config, work, engines, store, batch_size, progress, on_batch, da
                 results = engines.generate(config, task, [e.prompt for _, e in batch], candidates)
                 seconds = (time.perf_counter() - began) / len(batch)
                 store.append(
-                    _record(config, key, task, e, r, seconds) | {"data": data_names[task]}
-                    for (key, e), r in zip(batch, results)
+                    _record(config, key, task, e, r, seconds) | named[task] for (key, e), r in zip(batch, results)
                 )
                 bar.advance(handle, len(batch))
                 if on_batch is not None:

@@ -1,9 +1,17 @@
-"""`loramix loadtest`: concurrent streaming clients against a running `loramix serve`, on loopback only.
+"""`loramix loadtest`: concurrent streaming clients against a running OpenAI-compatible server, on loopback only.
 
-For each concurrency level, the same requests are sent by that many clients at once (each client takes the
-next request when its last one ends). Reported per level: aggregate generated tokens/s, its ratio to one
-client at a time, and p50/p99 of the time to first token and of the inter-token latency (client side).
-Bounded: a fixed number of requests per level, each with a time limit.
+Scenarios:
+- levels (default): for each concurrency level, the same requests are sent by that many clients at once (each
+  client takes the next request when its last one ends). Reported per level: aggregate generated tokens/s, its
+  ratio to one client at a time, and p50/p99 of the time to first token and of the inter-token latency.
+- long-prompt: `clients` streams run; once each has its first token, one request with a prompt of about
+  `long_tokens` tokens arrives. Reported: the running streams' longest and median gap between tokens (does the
+  newcomer's prefill freeze them?) and the long prompt's own time to first token.
+- mixtures: like levels, but every request asks for its own fixed mixture of the experts (`fixed:w1,...`), the
+  case a server that batches only requests with equal adapter settings cannot batch.
+Bounded: a fixed number of requests, each with a time limit. `model` names the model sent (default loramix), so
+the same client measures any OpenAI-compatible server; requests also carry `ignore_eos` for servers without
+`min_tokens`.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
-from loramix.errors import LoramixError
+from loramix.errors import LoramixError, OptionError
+from loramix.options import option
 
 # Short prompts in the four tasks' templates (written for this file, no data set needed).
 DEFAULT_PROMPTS = [
@@ -32,6 +41,43 @@ DEFAULT_PROMPTS = [
     "Question: How many Nobel prizes did Marie Curie win?\n\nAnswer:",
     "Write a SQL query that counts the rows of the table users.\n\nAnswer:",
 ]
+
+
+SCENARIOS = ("levels", "long-prompt", "mixtures")
+
+
+@dataclass(frozen=True)
+class LoadtestOptions:
+    """What `loramix loadtest` can be told; its flags come from here."""
+
+    url: str = option("http://127.0.0.1:8000", "A running OpenAI-compatible server on this machine.")
+    scenario: str = option("levels", "levels, long-prompt (one long prompt beside running streams) or mixtures.")
+    clients: str = option("1,4,8,16", "Concurrency levels, e.g. 1,4,8,16 (long-prompt: the first is the streams).")
+    requests: int = option(16, "Requests per level (the same ones at every level).")
+    max_tokens: int = option(64, "Tokens per request (no early end).")
+    long_tokens: int = option(3000, "long-prompt: about this many prompt tokens in the long request.")
+    model: str = option("loramix", "Model name sent (another server's, to measure it with the same client).")
+    flavour: str = option("loramix", "mixtures: how a request asks for a mixture: loramix (route) or llama.cpp.")
+    every_k: int | None = option(None, "Sent as every_k (default: the server's).")
+    route: str | None = option(None, "Sent as route (default: the server's).")
+    api_key: str | None = option(None, "Bearer key, if the server wants one.")
+    out: str | None = option(None, "Write the report as JSON here.")
+
+    def levels(self) -> tuple[int, ...]:
+        try:
+            levels = tuple(int(x) for x in self.clients.split(","))
+        except ValueError:
+            levels = ()
+        if not levels or min(levels) < 1:
+            raise OptionError("clients", f"takes comma-separated whole numbers of at least 1, got '{self.clients}'.")
+        if self.scenario not in SCENARIOS:
+            raise OptionError("scenario", f"must be one of {', '.join(SCENARIOS)}, got '{self.scenario}'.")
+        if self.flavour not in ("loramix", "llama.cpp"):
+            raise OptionError("flavour", f"must be loramix or llama.cpp, got '{self.flavour}'.")
+        return levels
+
+    def extra(self) -> dict:
+        return {k: v for k, v in (("every_k", self.every_k), ("route", self.route)) if v is not None}
 
 
 @dataclass
@@ -150,6 +196,43 @@ def summarise(clients: int, results: list[ClientResult], seconds: float, single_
     )  # fmt: skip
 
 
+def _body(model: str, prompt: str, max_tokens: int, extra: dict | None) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "min_tokens": max_tokens, "ignore_eos": True, **(extra or {})}  # fmt: skip
+
+
+def mixture_weights(count: int, n_experts: int, seed: int = 0) -> list[list[float]]:
+    """`count` distinct mixtures of `n_experts` experts (rows sum to 1), the same for every run."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        draws = [rng.expovariate(1.0) for _ in range(n_experts)]
+        rows.append([round(d / sum(draws), 3) for d in draws])
+    return rows
+
+
+def expert_count(url: str, api_key: str | None, flavour: str) -> int:
+    """How many experts the server mixes: loramix's /info, or llama.cpp's /lora-adapters."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    path = "/lora-adapters" if flavour == "llama.cpp" else "/info"
+    response = httpx.get(url + path, headers=headers, timeout=30)
+    if response.status_code != 200:
+        raise LoramixError(f"GET {url}{path} answered {response.status_code}; is the server up and of that kind?")
+    data = response.json()
+    return len(data) if flavour == "llama.cpp" else len(data["experts"])
+
+
+def mixture_field(weights: list[float], flavour: str) -> dict:
+    """How a request asks for a fixed mixture: loramix's route, or llama.cpp's per-request LoRA scales."""
+    if flavour == "llama.cpp":
+        return {"lora": [{"id": i, "scale": w} for i, w in enumerate(weights)]}
+    return {"route": "fixed:" + ",".join(f"{w:g}" for w in weights)}
+
+
 def run_loadtest(
     url: str,
     levels: tuple[int, ...] = (1, 4, 8, 16),
@@ -160,15 +243,17 @@ def run_loadtest(
     api_key: str | None = None,
     extra: dict | None = None,
     progress=None,
+    model: str = "loramix",
+    mixtures: tuple[int, str] | None = None,
 ) -> dict:
-    """Every level sends the same `requests` greedy completions of `max_tokens` tokens (no early end)."""
+    """Every level sends the same `requests` greedy completions of `max_tokens` tokens (no early end).
+    mixtures: (n_experts, flavour): request i asks for mixture i (`mixture_weights`)."""
     require_loopback(url)
     prompts = prompts or DEFAULT_PROMPTS
-    bodies = [
-        {"model": "loramix", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0,
-         "stream": True, "min_tokens": max_tokens, **(extra or {})}
-        for i in range(requests)
-    ]  # fmt: skip
+    bodies = [_body(model, prompts[i % len(prompts)], max_tokens, extra) for i in range(requests)]
+    if mixtures is not None:
+        for body, weights in zip(bodies, mixture_weights(requests, mixtures[0])):
+            body.update(mixture_field(weights, mixtures[1]))
     reports, outputs, single_rate = [], None, None
     for clients in levels:
         results, seconds = asyncio.run(run_level(url, bodies, clients, timeout, api_key))
@@ -179,10 +264,77 @@ def run_loadtest(
             outputs = [r.text for r in results]
         report_outputs = [r.text for r in results]
         mismatched = sum(a != b for a, b in zip(outputs, report_outputs))
-        reports.append({**asdict(report), "outputs_differing_from_first_level": mismatched})
+        errors = sorted({r.error for r in results if r.error})[:3]
+        reports.append({**asdict(report), "outputs_differing_from_first_level": mismatched, "errors": errors})
         if progress:
             progress(format_row(reports[-1]))
-    return {"url": url, "requests": requests, "max_tokens": max_tokens, "levels": reports}
+    return {"url": url, "model": model, "requests": requests, "max_tokens": max_tokens, "levels": reports,
+            "mixtures": mixtures is not None}  # fmt: skip
+
+
+LONG_TEXT = (
+    "The river rises in the northern hills, where rain falls on most days of the year, and runs south through "
+    "farmland, two market towns and a wide marsh before it reaches the sea. "
+)
+
+
+def long_prompt(tokens: int) -> str:
+    """A reading-comprehension prompt of roughly `tokens` tokens (about 1.3 tokens a word for Llama tokenizers)."""
+    words = len(LONG_TEXT.split())
+    repeats = max(1, round(tokens / (1.3 * words)))
+    return "Context:\n" + LONG_TEXT * repeats + "\n\nQuestion: Where does the river rise?\n\nAnswer:"
+
+
+async def _long_prompt_run(url, clients, max_tokens, long_tokens, long_max_tokens, timeout, api_key, model, extra):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    bodies = [_body(model, DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)], max_tokens, extra) for i in range(clients)]
+    long_body = _body(model, long_prompt(long_tokens), long_max_tokens, extra)
+    long_body["stream_options"] = {"include_usage": True}
+    started: list[asyncio.Event] = [asyncio.Event() for _ in bodies]
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
+
+        async def running(i):
+            result = ClientResult(prompt=bodies[i]["prompt"])
+            stamps = []
+            async with client.stream("POST", url + "/v1/completions", json=bodies[i]) as response:
+                if response.status_code != 200:
+                    result.error = f"HTTP {response.status_code}"
+                    started[i].set()
+                    return result, stamps
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:]).get("choices"):
+                        stamps.append(time.perf_counter())
+                        started[i].set()
+            return result, stamps
+
+        tasks = [asyncio.create_task(running(i)) for i in range(clients)]
+        await asyncio.gather(*(event.wait() for event in started))
+        arrival = time.perf_counter()
+        long_result = await stream_one(client, url, long_body, timeout)
+        runs = await asyncio.gather(*tasks)
+    gaps_after = [b - a for _, stamps in runs for a, b in zip(stamps, stamps[1:]) if b > arrival]
+    all_gaps = [b - a for _, stamps in runs for a, b in zip(stamps, stamps[1:])]
+    return {
+        "clients": clients, "max_tokens": max_tokens, "long_prompt_words": len(long_body["prompt"].split()),
+        "long_ttft": long_result.first_token, "long_error": long_result.error,
+        "longest_gap_after_arrival": max(gaps_after, default=float("nan")),
+        "median_gap": statistics.median(all_gaps) if all_gaps else float("nan"),
+        "streams_failed": sum(r.error is not None for r, _ in runs),
+    }  # fmt: skip
+
+
+def run_long_prompt(
+    url: str, clients: int = 1, max_tokens: int = 200, long_tokens: int = 3000, long_max_tokens: int = 8,
+    timeout: float = 900.0, api_key: str | None = None, model: str = "loramix", extra: dict | None = None,
+) -> dict:  # fmt: skip
+    """The long-prompt scenario (see the module docstring)."""
+    require_loopback(url)
+    return asyncio.run(
+        _long_prompt_run(url, clients, max_tokens, long_tokens, long_max_tokens, timeout, api_key, model, extra)
+    )
 
 
 def format_row(row: dict) -> str:

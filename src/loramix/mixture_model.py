@@ -18,6 +18,7 @@ import torch
 from loramix.adapters import ExpertAdapter, check_same_base
 from loramix.bundle import Bundle, resolve_bundle
 from loramix.errors import LoramixError
+from loramix.hardware import describe, resolve_device, resolve_dtype
 from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter, load_hidden_centroids
 from loramix.mixture import MixtureState, attach_experts
 from loramix.models import base_model_signature, load_base_model
@@ -79,15 +80,20 @@ class RoutedModel:
         path: str | Path | None = None,
         merge: str = "exact",
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype = torch.float32,
         with_router: bool = True,
         embedder_dtype: str = "auto",
     ):
         """Load a bundle (the default one if `path` is None): base model, experts, routers.
 
+        device / dtype: torch's, or the names `--device` / `--dtype` take ("auto": `loramix.hardware`); the
+        library's default is the exactness reference, fp32 on the CPU.
+
         embedder_dtype: "fp32" reproduces the reference's routing exactly; "bf16" is ~1.8x cheaper routing on
         CPUs with native bf16 (similarities within ~2e-5); "auto" picks bf16 there and fp32 elsewhere (GPUs included).
         """
+        device = resolve_device(device) if isinstance(device, str) else device
+        dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
         bundle = Bundle.load(resolve_bundle(path))
         model, tokenizer = load_base_model(bundle.base_model, dtype=dtype, device=device)
         experts = bundle.load_experts(dtype)
@@ -178,6 +184,11 @@ class RoutedModel:
     def set_weights(self, weights: torch.Tensor | None) -> None:
         self.state.set_weights(weights, self.dtype, self.device)
         self._loaded_weights = None
+
+    @property
+    def placement(self) -> dict:
+        """Where this model runs: device, dtype, hardware (recorded in results)."""
+        return describe(self.device, self.dtype)
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         limit = self.context_limit

@@ -79,7 +79,11 @@ def build_replica_app(settings: ServeSettings, expected_digest: str):
             f"This replica sees another bundle at {settings.bundle or 'the default location'} (fingerprint {seen}, "
             f"the driver's is {expected_digest}); put the same bundle at that path on every node."
         )
-    mixture = MixtureModel.from_bundle(settings.bundle, merge=settings.merge, embedder_dtype=settings.embedder_dtype)
+    # each replica sees only the GPUs Ray reserved for it (CUDA_VISIBLE_DEVICES): "auto" finds them, or the CPU
+    mixture = MixtureModel.from_bundle(
+        settings.bundle, merge=settings.merge, embedder_dtype=settings.embedder_dtype, device=settings.device,
+        dtype=settings.dtype,
+    )  # fmt: skip
     replica = serve.get_replica_context().replica_id.unique_id
     app = create_app(settings, load=lambda: mixture, replica=replica)
     return app

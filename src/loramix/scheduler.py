@@ -1,12 +1,14 @@
 """Who runs next: admission under the batch's budgets, and the prefill work of each step (vLLM's scheduler, small).
 
-Three budgets, each optional (None: unbounded):
+Budgets, each optional (None: unbounded):
 - max_batch: sequences admitted at once (prefilling or decoding); more wait in the queue, first come first served.
 - max_batch_tokens: the KV cache the admitted sequences may come to hold. A batch is padded to its longest
   row, so the bound is rows x the largest (prompt + max_new_tokens) among them; a newcomer that would pass it
   waits until enough sequences finish. `fits_alone` tells the server which requests can never fit (a 400).
 - prefill_chunk: prompt tokens prefilled between two decode steps. A prompt longer than that is taken in chunks
   over several steps, so the sequences already decoding keep getting a token every step (chunked prefill).
+- prefill_seconds: instead of a fixed chunk, `ChunkSizer` adapts it as it runs so that one step's prefill takes
+  about this long (a token's cost grows with the context before it, and differs from machine to machine).
 
 A newcomer on a hidden-state route is prefilled twice: first the base model alone up to its routing layer (to
 route on the prompt's own states), then the mixture under the weights routed from them. Both stages are prefill
@@ -28,6 +30,42 @@ class Budgets:
     max_batch: int | None = None
     max_batch_tokens: int | None = None
     prefill_chunk: int | None = None
+    prefill_seconds: float | None = None  # adapt the chunk to this time per step (when prefill_chunk is None)
+
+
+@dataclass
+class ChunkSizer:
+    """The prefill budget of each step: a fixed chunk, or one adapted to the time a step's prefill may take.
+
+    Adapting: a pass costs a fixed part (reading every weight once, whatever the tokens: measured on the decode
+    passes) plus a part per token (measured on the prefill passes, net of the fixed part; it grows with the context
+    a chunk attends to). The chunk is what fits the target: (target - fixed) / per token."""
+
+    fixed: int | None
+    target: float | None
+    tokens: float = 64.0
+    per_token: float | None = None  # seconds per prefill token, recently
+    overhead: float = 0.0  # seconds of a pass whatever its tokens (a decode pass), recently
+    smallest: int = 16
+    largest: int = 4096
+
+    def budget(self) -> int | None:
+        if self.fixed is not None:
+            return self.fixed
+        if self.target is None:
+            return None
+        return int(self.tokens)
+
+    def observe_decode(self, seconds: float) -> None:
+        self.overhead = seconds if not self.overhead else 0.8 * self.overhead + 0.2 * seconds
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if self.fixed is not None or self.target is None or tokens <= 0:
+            return
+        per_token = max(seconds - self.overhead, 0.1 * seconds) / tokens
+        self.per_token = per_token if self.per_token is None else 0.5 * self.per_token + 0.5 * per_token
+        room = max(self.target - self.overhead, 0.25 * self.target)
+        self.tokens = min(self.largest, max(self.smallest, room / self.per_token))
 
 
 @dataclass(eq=False)
@@ -102,22 +140,24 @@ class Scheduler:
         self.prefilling.append(PrefillJob(seq, text, merge, stage))
 
     def next_work(self, budget: int | None) -> Work | None:
-        """The next prefill pass that fits `budget` tokens (None: any). Whole texts of fresh jobs at the head's stage
-        go together while the padded pass fits; a head job too long for the budget gets its next chunk."""
+        """The next prefill pass that fits `budget` tokens (None: any). Fresh jobs whose whole text fits go first,
+        together while the padded pass fits (so a short prompt never waits behind a long one's chunks); else the
+        first job in arrival order gets its next chunk."""
         self.prefilling = [job for job in self.prefilling if not job.seq.finished]
         if not self.prefilling:
             return None
-        head = self.prefilling[0]
-        if head.done == 0 and (budget is None or len(head.text) <= budget):
-            group = [head]
-            for job in self.prefilling[1:]:
-                if job.done or job.stage != head.stage or (head.stage == MIXTURE and job.merge != head.merge):
+        fresh = [job for job in self.prefilling if job.done == 0 and (budget is None or len(job.text) <= budget)]
+        if fresh:
+            head, group = fresh[0], [fresh[0]]
+            for job in fresh[1:]:
+                if job.stage != head.stage or (head.stage == MIXTURE and job.merge != head.merge):
                     continue
                 width = max(len(job.text), *(len(j.text) for j in group))
                 if budget is not None and (len(group) + 1) * width > budget:
                     continue
                 group.append(job)
             return Work(head.stage, group)
+        head = self.prefilling[0]
         end = len(head.text) if budget is None else min(len(head.text), head.done + budget)
         return Work(head.stage, [head], (head.done, end))
 

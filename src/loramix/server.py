@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramix.engine import Engine
 from loramix.errors import OptionError
+from loramix.hardware import Placement
 from loramix.mixture import DEFAULT_MERGE
 from loramix.openai_protocol import (
     ERROR_RESPONSES,
@@ -42,12 +43,13 @@ from loramix.sequences import DEFAULT_DECODE, GenerationOptions
 from loramix.telemetry import ServerMetrics
 from loramix.worker import EngineWorker
 
-DEFAULT_PREFILL_CHUNK = 128  # prompt tokens between two decode steps: one chunk ~0.3 s for a 135M model on 2 cores
+# seconds a step's prefill work may take while other sequences decode: their gap between tokens stays under ~1 s
+PREFILL_SECONDS = 0.5
 KV_MEMORY_SHARE = 0.5  # of the memory free once the model is loaded, for the running batch's KV cache
 
 
 @dataclass(frozen=True)
-class ServeSettings:
+class ServeSettings(Placement):
     """Everything `loramix serve` can be told; the command's flags, defaults and help come from here."""
 
     bundle: str | None = option(None, "Bundle folder (default: the trained default bundle).")
@@ -60,7 +62,9 @@ class ServeSettings:
     max_batch_tokens: int | None = option(
         None, "KV-cache budget in tokens: rows x their longest prompt + max_tokens (default: half the free memory)."
     )
-    prefill_chunk: int = option(DEFAULT_PREFILL_CHUNK, "Prompt tokens prefilled between two decode steps.")
+    prefill_chunk: int | None = option(
+        None, "Prompt tokens prefilled between two decode steps (default: adapted as it runs, ~0.5 s of work a step)."
+    )
     shutdown_timeout: float = option(30.0, "Seconds running requests may take to finish on SIGTERM / Ctrl-C.")
     merge: str = option(DEFAULT_MERGE, "Merge mode of requests that set none.")
     every_k: int = option(DEFAULT_EVERY_K, "Default re-route interval.")
@@ -70,11 +74,10 @@ class ServeSettings:
 
     def check(self, expert_names: list[str] | None = None) -> None:
         """Refuse settings that cannot serve; the route is checked once the experts' names are known."""
-        for name in ("max_batch", "max_queue", "max_new_tokens_limit", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}.")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise OptionError("max_batch_tokens", f"must be at least 1, got {self.max_batch_tokens}.")
+        for name in ("max_batch", "max_queue", "max_new_tokens_limit", "prefill_chunk", "max_batch_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise OptionError(name, f"must be at least 1, got {value}.")
         if self.shutdown_timeout < 0:
             raise OptionError("shutdown_timeout", f"must not be negative, got {self.shutdown_timeout}.")
         if not 0 < self.port < 65536:
@@ -129,7 +132,7 @@ class ServerState:
         settings.check(mixture.expert_names)
         mixture.state.check_mode(settings.merge)
         self.budget = settings.max_batch_tokens or kv_budget(mixture)
-        engine = Engine(mixture, settings.max_batch, self.budget, settings.prefill_chunk)
+        engine = Engine(mixture, settings.max_batch, self.budget, settings.prefill_chunk, PREFILL_SECONDS)
         self.mixture = mixture
         self.worker = EngineWorker(engine, settings.max_queue, self.metrics)
         self.serving = OpenAIServing(mixture, self.worker, self.limits, self.metrics)
@@ -162,8 +165,9 @@ def create_app(settings: ServeSettings, load: Callable[[], object] | None = None
                 from loramix.generation import MixtureModel
 
                 mixture = MixtureModel.from_bundle(
-                    settings.bundle, merge=settings.merge, embedder_dtype=settings.embedder_dtype
-                )
+                    settings.bundle, merge=settings.merge, embedder_dtype=settings.embedder_dtype,
+                    device=settings.device, dtype=settings.dtype,
+                )  # fmt: skip
             state.start(mixture)
         except Exception as exc:  # noqa: BLE001 - reported by /health, the server stays up to say so
             state.error = f"{type(exc).__name__}: {exc}"
@@ -243,8 +247,9 @@ def create_app(settings: ServeSettings, load: Callable[[], object] | None = None
             "defaults": asdict(settings.default_options()),
             "max_new_tokens_limit": settings.max_new_tokens_limit,
             "max_batch_tokens": state.budget,
-            "prefill_chunk": settings.prefill_chunk,
+            "prefill_chunk": settings.prefill_chunk or f"adaptive, {PREFILL_SECONDS} s a step",
             "base_model": getattr(getattr(mixture, "bundle", None), "base_model", None),
+            **mixture.placement,
             "needs_api_key": settings.api_key is not None,
             "hidden_layers": mixture.hidden_router.n_layers if getattr(mixture, "hidden_router", None) else None,
         }

@@ -20,9 +20,10 @@ import torch
 from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.engine import left_pad, left_padded_positions
 from loramix.generation import MixtureModel
+from loramix.hardware import DTYPE_NAMES, Placement
 from loramix.paths import data_dir
 from loramix.store import ItemStore
-from loramix.tasks import TASKS, Example, get_task
+from loramix.tasks import Example, get_task
 
 LOSS_STEM = "answer_loss"
 LOSS_FIELDS = ("key", "model", "task", "id", "nll", "tokens")
@@ -38,15 +39,19 @@ class SpecialistPlan:
     batch_size: int = 8
     split: str = "test"
     data: Path | None = None
+    placement: Placement = Placement(device="cpu", dtype="fp32")  # the stored losses are fp32 on a CPU
 
 
 def loss_store(out: Path) -> ItemStore:
     return ItemStore(out, stem=LOSS_STEM, required=LOSS_FIELDS)
 
 
-def loss_key(model: str, task: str, split: str, fingerprint: BundleFingerprint) -> str:
-    """What an item's loss depends on: the base model, the expert (if any), the task's split, the scoring."""
+def loss_key(model: str, task: str, split: str, fingerprint: BundleFingerprint, dtype: str = "fp32") -> str:
+    """What an item's loss depends on: the base model, the expert (if any), the task's split, the scoring, and the
+    precision when it is not fp32."""
     parts = {"model": model, "task": task, "split": split, "base": fingerprint.base, "max": MAX_ANSWER_TOKENS}
+    if dtype != "fp32":
+        parts["dtype"] = dtype
     if model != "base":
         parts["expert"] = fingerprint.experts[model]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
@@ -102,11 +107,12 @@ def run_specialist(plan: SpecialistPlan, progress: bool = True) -> ItemStore:
     root = data_dir(plan.data)
     names = [e.name for e in bundle.experts]
     models = ["base", *names]
+    device, dtype = plan.placement.resolve()
     work = []
     for task in plan.tasks:
-        examples = TASKS[task].load(root, plan.split)[: plan.limit]
+        examples = get_task(task).load(root, plan.split)[: plan.limit]
         for model in models:
-            key = loss_key(model, task, plan.split, fingerprint)
+            key = loss_key(model, task, plan.split, fingerprint, DTYPE_NAMES[dtype])
             # similar lengths share a batch, so little of it is padding
             pending = sorted((e for e in examples if not store.has(key, e.id)), key=lambda e: len(e.training_text))
             work += [
@@ -114,7 +120,7 @@ def run_specialist(plan: SpecialistPlan, progress: bool = True) -> ItemStore:
             ]
     if not work:
         return store
-    mixture = MixtureModel.from_bundle(bundle.root, with_router=False)
+    mixture = MixtureModel.from_bundle(bundle.root, with_router=False, device=device, dtype=dtype)
     columns = [TextColumn("[bold]answer loss"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress) as bar:
         handle = bar.add_task("answer loss", total=sum(len(batch) for *_, batch in work))

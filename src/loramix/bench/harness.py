@@ -148,6 +148,7 @@ def run_benchmark(
     progress: Callable[[str], None] = print,
     context: BenchContext | None = None,
     exclude: tuple[str, ...] = (),
+    placement=None,
 ) -> dict:
     """Measure every method on every (tokens, batch) cell; writes OUT/bench.json after each cell."""
     settings = QUICK if quick else FULL
@@ -155,7 +156,7 @@ def run_benchmark(
     batches = batches if batches is not None else settings["batches"]
     repeats = repeats or settings["repeats"]
     out.mkdir(parents=True, exist_ok=True)
-    ctx = context or BenchContext.from_bundle(bundle, data)
+    ctx = context or BenchContext.from_bundle(bundle, data, placement)
     methods = {n: f for n, f in method_table(quick).items() if n not in exclude}
     cells: list[Cell] = []
     merge_cells: list[Cell] = []  # every decode x k x merge mode at one size, with its own base run

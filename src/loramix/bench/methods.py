@@ -26,6 +26,7 @@ import torch
 
 from loramix.bundle import Bundle, resolve_bundle
 from loramix.errors import LoramixError
+from loramix.hardware import Placement
 from loramix.models import load_base_model
 from loramix.paths import data_dir, shown_path
 from loramix.tasks import TASKS
@@ -87,18 +88,21 @@ class BenchContext:
         self._arrow = None
 
     @classmethod
-    def from_bundle(cls, bundle_path: str | Path | None = None, data: str | Path | None = None) -> BenchContext:
+    def from_bundle(
+        cls, bundle_path: str | Path | None = None, data: str | Path | None = None, placement: Placement | None = None
+    ) -> BenchContext:
         from loramix.generation import MixtureModel
 
+        device, dtype = (placement or Placement("cpu", "fp32")).resolve()
         bundle = Bundle.load(resolve_bundle(bundle_path))
         paths = [str(bundle.root / e.path) for e in bundle.experts]
-        mixture = MixtureModel.from_bundle(bundle.root)
-        base, _ = load_base_model(bundle.base_model)
-        peft_base, _ = load_base_model(bundle.base_model)
+        mixture = MixtureModel.from_bundle(bundle.root, device=device, dtype=dtype)
+        base, _ = load_base_model(bundle.base_model, dtype=dtype, device=device)
+        peft_base, _ = load_base_model(bundle.base_model, dtype=dtype, device=device)
         peft = peft_with_experts(peft_base, mixture.expert_names, paths)
         root = data_dir(data)
         task_prompts = {task: [e.prompt for e in spec.load(root, "test")[:16]] for task, spec in TASKS.items()}
-        description = {"bundle": shown_path(bundle.root), "base_model": bundle.base_model}
+        description = {"bundle": shown_path(bundle.root), "base_model": bundle.base_model, **mixture.placement}
         return cls(mixture, base, peft, paths, task_prompts, description, bundle)
 
     @property
@@ -108,7 +112,7 @@ class BenchContext:
         if self._arrow is None:
             from loramix.baselines import ArrowBaseline
 
-            self._arrow = ArrowBaseline(self.bundle)
+            self._arrow = ArrowBaseline(self.bundle, device=self.device, dtype=self.mixture.dtype)
         return self._arrow
 
     def prompts(self, batch: int) -> list[str]:

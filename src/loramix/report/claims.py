@@ -6,7 +6,7 @@ import numpy as np
 
 from loramix.report.scores import Scores, paired, tla_configs, variant_of
 from loramix.report.stats import verdict
-from loramix.tasks import TASKS
+from loramix.tasks import ALL_TASKS
 
 TLA_BEST_K = 2  # the paper's best k, the config its claims are judged on
 
@@ -77,7 +77,7 @@ def shared_item_averages(scores: Scores, configs: list[str]) -> dict[str, float]
     (a config that is further along must not be compared on a different item set)."""
     shared = {t: scores.common_ids(t, *configs) for t in scores.tasks}
     return {
-        c: float(np.mean([scores.values(c, t, TASKS[t].primary_metric, shared[t]).mean() for t in scores.tasks]))
+        c: float(np.mean([scores.values(c, t, ALL_TASKS[t].primary_metric, shared[t]).mean() for t in scores.tasks]))
         for c in configs
     }
 

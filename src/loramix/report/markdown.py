@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loramix.report.claims import highest_as_shown
 from loramix.report.scores import Scores
-from loramix.tasks import TASKS
+from loramix.tasks import ALL_TASKS
 
 
 def _fmt(cell: dict, scale: float = 100.0) -> str:
@@ -44,7 +44,7 @@ def render_markdown(scores: Scores, results: dict, plots: list[str], notes: str 
 
 
 def _titles(scores: Scores) -> dict[str, str]:
-    return {t: f"{TASKS[t].title} ({TASKS[t].primary_metric})" for t in scores.tasks}
+    return {t: f"{ALL_TASKS[t].title} ({ALL_TASKS[t].primary_metric})" for t in scores.tasks}
 
 
 def _header(results: dict, notes: str) -> list[str]:
@@ -54,7 +54,7 @@ def _header(results: dict, notes: str) -> list[str]:
     labels = {"bundle": "bundle", "base_model": "base model", "split": "split", "command": "report written by",
               "git_revision": "git revision", "machine": "machine", "written": "written"}  # fmt: skip
     lines += [f"- {label}: `{meta[key]}`" for key, label in labels.items() if meta.get(key) is not None]
-    origins = "; ".join(f"{TASKS[t].title}: {', '.join(names)}" for t, names in results.get("data", {}).items())
+    origins = "; ".join(f"{ALL_TASKS[t].title}: {', '.join(names)}" for t, names in results.get("data", {}).items())
     lines += [f"- data: {origins}"] if origins else []
     return [*lines, "", notes] if notes else lines
 
@@ -78,7 +78,7 @@ def _main_table(scores: Scores, results: dict) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config in scores.configs:
         row = table[config]
-        cells = [_cell(row[t], TASKS[t].primary_metric) if t in row else "" for t in scores.tasks]
+        cells = [_cell(row[t], ALL_TASKS[t].primary_metric) if t in row else "" for t in scores.tasks]
         if len(scores.tasks) > 1:
             average = row.get("average")
             cells.append(_fmt(average) + (" *partial*" if average["partial"] else "") if average else "")
@@ -92,7 +92,7 @@ def _all_metrics(scores: Scores, results: dict) -> list[str]:
     for task in scores.tasks:
         metrics = sorted({m for c in scores.configs if task in table[c] for m in table[c][task]["metrics"]})
         lines += [
-            f"**{TASKS[task].title}**",
+            f"**{ALL_TASKS[task].title}**",
             "",
             "| config | n | " + " | ".join(metrics) + " | seconds |",
             "|" + "---|" * (len(metrics) + 3),
@@ -122,7 +122,7 @@ def _specialist_matrix(scores: Scores, results: dict) -> list[str]:
     own = results["meta"].get("oracle_experts", {})
     for config in [c for c in ("base",) if c in table] + experts:
         row, name = table[config], config.removeprefix("expert:")
-        cells = [_cell(row[t], TASKS[t].primary_metric) if t in row else "" for t in scores.tasks]
+        cells = [_cell(row[t], ALL_TASKS[t].primary_metric) if t in row else "" for t in scores.tasks]
         cells = [
             f"**{c}**" if c and own.get(t) == name and config != "base" else c for c, t in zip(cells, scores.tasks)
         ]
@@ -198,7 +198,7 @@ def _frozen_routing(scores: Scores, results: dict) -> list[str]:
         "(new tokens could not change the weights). `prompt` routes once, so its share is the share of "
         "prompts that already fill it (routed on their first 256 pieces).",
         "",
-        "| config | " + " | ".join(TASKS[t].title for t in scores.tasks) + " |",
+        "| config | " + " | ".join(ALL_TASKS[t].title for t in scores.tasks) + " |",
         "|" + "---|" * (len(scores.tasks) + 1),
     ]
     for config in scores.configs:
@@ -223,7 +223,7 @@ def _render_routing_accuracy(accuracy: dict, tasks: list[str]) -> list[str]:
         "Per item, whether the expert with the largest weight (averaged over the answer's tokens) is the item's own "
         "task's expert, and the mean weight that expert gets: top is own % / own weight.",
         "",
-        "| config | " + " | ".join(TASKS[t].title for t in tasks) + " |",
+        "| config | " + " | ".join(ALL_TASKS[t].title for t in tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),
     ]
     for config, row in accuracy.items():
@@ -241,7 +241,7 @@ def _render_answer_loss(matrix: dict, own: dict[str, str]) -> list[str]:
         "[95% bootstrap CI]; its own task in bold. It shows what each expert learned where the task metric "
         "sits at the floor. Every cell of a column uses the same items.",
         "",
-        "| model | " + " | ".join(f"{TASKS[t].title} (n={matrix['tasks'][t]['n']})" for t in tasks) + " |",
+        "| model | " + " | ".join(f"{ALL_TASKS[t].title} (n={matrix['tasks'][t]['n']})" for t in tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),
     ]
     for model in matrix["models"]:
@@ -258,7 +258,7 @@ def _render_answer_loss(matrix: dict, own: dict[str, str]) -> list[str]:
         if cell:
             low, high = cell["ci"]
             lines.append(
-                f"- {TASKS[task].title}: {model} {cell['mean']:+.3f} nats/token [{low:+.3f}, {high:+.3f}], "
+                f"- {ALL_TASKS[task].title}: {model} {cell['mean']:+.3f} nats/token [{low:+.3f}, {high:+.3f}], "
                 f"{'lower' if high < 0 else 'not lower'} than the base model"
             )
     return [*lines, ""]

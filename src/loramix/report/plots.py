@@ -8,7 +8,7 @@ import numpy as np
 
 from loramix.report.claims import TLA_BEST_K
 from loramix.report.scores import Scores, k_of, tla_configs, variant_of
-from loramix.tasks import TASKS
+from loramix.tasks import ALL_TASKS
 
 
 def write_plots(out: Path, scores: Scores, results: dict) -> list[str]:
@@ -23,7 +23,7 @@ def write_plots(out: Path, scores: Scores, results: dict) -> list[str]:
     if tla:
         figure, axes = plt.subplots(1, len(scores.tasks), figsize=(4 * len(scores.tasks), 3.4), squeeze=False)
         for axis, task in zip(axes[0], scores.tasks):
-            metric = TASKS[task].primary_metric
+            metric = ALL_TASKS[task].primary_metric
             for variant in dict.fromkeys(variant_of(c) for c in tla):
                 family = sorted((c for c in tla if variant_of(c) == variant and task in table[c]), key=k_of)
                 if not family:
@@ -43,7 +43,7 @@ def write_plots(out: Path, scores: Scores, results: dict) -> list[str]:
                         color=style[0],
                         label=reference,
                     )
-            axis.set_title(f"{TASKS[task].title}")
+            axis.set_title(f"{ALL_TASKS[task].title}")
             axis.set_xlabel("re-route every k tokens")
             axis.set_ylabel(f"{metric} x100")
             axis.set_xticks(sorted({k_of(c) for c in tla}))
@@ -59,7 +59,7 @@ def write_plots(out: Path, scores: Scores, results: dict) -> list[str]:
         matrix = np.array([routing[source][t] for t in tasks])
         figure, axis = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 0.6 * len(tasks) + 1.8))
         image = axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-        axis.set_yticks(range(len(tasks)), [TASKS[t].title for t in tasks])
+        axis.set_yticks(range(len(tasks)), [ALL_TASKS[t].title for t in tasks])
         experts = results["meta"].get("experts") or [f"expert {i}" for i in range(matrix.shape[1])]
         axis.set_xticks(range(matrix.shape[1]), experts, rotation=30)
         for i in range(matrix.shape[0]):
@@ -92,7 +92,7 @@ def _plot_answer_loss(out: Path, matrix: dict, plt) -> str:
     figure, axis = plt.subplots(figsize=(1.4 * len(tasks) + 2, 0.6 * len(models) + 1.6))
     limit = float(np.nanmax(np.abs(relative))) or 1.0
     image = axis.imshow(relative, vmin=-limit, vmax=limit, cmap="RdBu_r")
-    axis.set_xticks(range(len(tasks)), [TASKS[t].title for t in tasks], rotation=20)
+    axis.set_xticks(range(len(tasks)), [ALL_TASKS[t].title for t in tasks], rotation=20)
     axis.set_yticks(range(len(models)), models)
     for i in range(len(models)):
         for j in range(len(tasks)):

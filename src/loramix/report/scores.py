@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loramix.report.stats import bootstrap_average_ci, bootstrap_mean_ci, mean_ci
-from loramix.tasks import TASKS
+from loramix.tasks import ALL_TASKS
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Scores:
                 done, total = frozen[cell]
                 frozen[cell] = (done + record.get("frozen_reroutes", 0), total + record["reroutes"])
         configs = list(dict.fromkeys(r["config"] for r in records))
-        tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+        tasks = [t for t in ALL_TASKS if any(r["task"] == t for r in records)]
         return cls(dict(items), dict(seconds), dict(weights), dict(frozen), configs, tasks)
 
     def alias_oracle(self, oracle_experts: dict[str, str]) -> None:
@@ -88,12 +88,12 @@ def summarise(scores: Scores) -> dict:
             if not cell:
                 continue
             ids, partial = scores.cell_ids(config, task)
-            primary_values.append(scores.values(config, task, TASKS[task].primary_metric, ids))
+            primary_values.append(scores.values(config, task, ALL_TASKS[task].primary_metric, ids))
             metrics = sorted({m for s in cell.values() for m in s})
             row[task] = {
                 "n": len(ids),
                 "partial": partial,
-                "primary": TASKS[task].primary_metric,
+                "primary": ALL_TASKS[task].primary_metric,
                 "metrics": {m: mean_ci(scores.values(config, task, m, ids)) for m in metrics},
                 "seconds": round(scores.seconds.get((config, task), 0.0), 1),
             }
@@ -120,7 +120,7 @@ def paired(scores: Scores, config: str, versus: str, task: str | None = None) ->
         ids = scores.common_ids(t, config, versus)
         if not ids:
             return None
-        metric = TASKS[t].primary_metric
+        metric = ALL_TASKS[t].primary_metric
         diffs.append(scores.values(config, t, metric, ids) - scores.values(versus, t, metric, ids))
     low, high = bootstrap_average_ci(diffs) if len(diffs) > 1 else bootstrap_mean_ci(diffs[0])
     return {
@@ -215,7 +215,7 @@ def answer_loss_matrix(records: list[dict]) -> dict:
         losses[(record["model"], record["task"])][record["id"]] = record["nll"]
     models = sorted(dict.fromkeys(r["model"] for r in records), key=lambda m: m != "base")  # base first
     matrix: dict = {"models": models, "tasks": {}}
-    for task in (t for t in TASKS if any((m, t) in losses for m in models)):
+    for task in (t for t in ALL_TASKS if any((m, t) in losses for m in models)):
         present = [m for m in models if (m, task) in losses]
         ids = sorted(set.intersection(*(set(losses[(m, task)]) for m in present)))
         values = {m: np.array([losses[(m, task)][i] for i in ids]) for m in present}
@@ -233,5 +233,5 @@ def data_origins(records: list[dict]) -> dict[str, list[str]]:
     """Per task, the data its items came from (records before this field existed came from the data folder)."""
     origins: dict[str, set[str]] = {}
     for record in records:
-        origins.setdefault(record["task"], set()).add(record.get("data") or TASKS[record["task"]].offline_data)
+        origins.setdefault(record["task"], set()).add(record.get("data") or ALL_TASKS[record["task"]].offline_data)
     return {task: sorted(names) for task, names in origins.items()}

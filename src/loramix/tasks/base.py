@@ -22,11 +22,12 @@ class Example:
     target: str
     references: tuple[str, ...] = ()  # gold answers used for scoring
     choices: tuple[str, ...] = ()  # option labels (ARC), empty for free-form tasks
+    separator: str = " "  # between prompt and target (code completion continues the prompt directly)
 
     @property
     def answer_text(self) -> str:
-        """What follows the prompt in training (and in gold-answer scoring): a space, then the target."""
-        return f" {self.target}"
+        """What follows the prompt in training (and in gold-answer scoring): the separator, then the target."""
+        return f"{self.separator}{self.target}"
 
     @property
     def training_text(self) -> str:
@@ -68,6 +69,7 @@ class Task:
     answer_letters: tuple[str, ...] = ()
     offline_data: str = ""  # what the data folder holds for this task
     hub_data: str = ""  # the Hub dataset it loads instead with --data-dir hub
+    held_out: bool = False  # no expert was trained for it (BIG-Bench Hard, HumanEval)
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         return self.scorer(prediction, example)
