@@ -109,6 +109,11 @@ def write_tiny_data(root: Path) -> Path:
         for i in range(20)
     ]
     (root / "codealpaca" / "code_alpaca_2k.json").write_text(json.dumps(code))
+    (root / "bbh").mkdir()
+    booleans = [{"input": f"not ( {b} ) is", "target": str(not b)} for b in [True, False] * 5]
+    (root / "bbh" / "boolean_expressions.json").write_text(json.dumps({"examples": booleans}))
+    sums = [{"input": f"({i} + {i}) =", "target": str(2 * i)} for i in range(10)]
+    (root / "bbh" / "multistep_arithmetic_two.json").write_text(json.dumps({"examples": sums}))
     return root
 
 

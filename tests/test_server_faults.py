@@ -3,6 +3,7 @@ the KV budget, chunked prefill beside running streams, and a graceful drain on S
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -47,7 +48,8 @@ def test_a_fuzzer_from_the_servers_own_schema_finds_no_server_error(server):
     )  # fmt: skip
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-4000:]
-    assert "not_a_server_error" in report
+    generated = re.search(r"(\d+) generated", report)
+    assert generated and int(generated.group(1)) >= 200, report[-2000:]  # a bounded but real number of requests
     assert httpx.get(server + "/health").json()["status"] == "ok"
 
 
@@ -69,7 +71,8 @@ def test_a_long_prompt_in_chunks_beside_a_stream_gives_both_their_tokens_alone(s
     result = {}
     thread = threading.Thread(target=lambda: result.update(streamed(server, body)))
     thread.start()
-    long = httpx.post(server + "/v1/completions", json={**body, "prompt": LONG, "max_tokens": 6}, timeout=60)
+    long_body = {**body, "prompt": LONG, "max_tokens": 6, "min_tokens": 6}
+    long = httpx.post(server + "/v1/completions", json=long_body, timeout=60)
     thread.join(timeout=120)
     assert long.status_code == 200 and long.json()["usage"]["prompt_tokens"] > 8 * 10  # ten chunks and more
     assert long.json()["choices"][0]["text"] == tiny_mixture.generate(LONG, max_new_tokens=6, min_new_tokens=6).text
@@ -88,9 +91,10 @@ def test_a_request_over_the_kv_budget_is_refused_naming_the_limit(server):
 
 
 def test_usage_counts_every_prompt_once(server, tiny_mixture):
-    prompts = [PROMPT, LONG]
+    prompts = [PROMPT, PROMPT + " Five."]
     response = httpx.post(server + "/v1/completions", json={"model": "loramix", "prompt": prompts, "max_tokens": 2,
                                                              "n": 2, "temperature": 0}, timeout=60)  # fmt: skip
+    assert response.status_code == 200, response.text
     lengths = [len(tiny_mixture.tokenizer(p).input_ids) for p in prompts]
     assert response.json()["usage"]["prompt_tokens"] == sum(lengths)
     assert len(response.json()["choices"]) == 4
@@ -137,7 +141,7 @@ def test_sigterm_drains_the_running_stream_refuses_newcomers_and_exits_0(own_ser
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     time.sleep(0.2)
-    refused = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 4}, timeout=30)
+    refused = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 4, "min_tokens": 0}, timeout=30)
     assert refused.status_code == 503 and refused.headers["retry-after"]
     assert "shutting down" in refused.json()["error"]["message"]
     thread.join(timeout=120)

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from loramix import __version__
 from loramix.errors import LoramixError
+from loramix.evaluation import EvalPlan
 from loramix.hardware import Placement
 from loramix.loadtest import LoadtestOptions
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
@@ -268,63 +269,46 @@ def generate(
 
 
 @app.command("eval")
-@takes_options(Placement, name="placement")
+@takes_options(EvalPlan, name="plan")
 def evaluate(
-    out: Annotated[Path, typer.Option("--out", help="Folder for items.jsonl, results.json/.md and plots.")],
-    bundle: BundleDir = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = "gsm8k,arc,squad,codealpaca",
-    configs: Annotated[
-        str,
-        typer.Option(
-            help="base, expert:NAME, oracle, uniform, prompt, tla:k=K[,decode=..,merge=..,route=..], arrow, paper"
-        ),
-    ] = "paper",
-    limit: Annotated[int | None, typer.Option(help="First N test items per task (default: all).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
-    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
-    merge: Annotated[str, typer.Option(help="Default merge mode for configs that do not set one.")] = "exact",
-    route: Annotated[str, typer.Option(help="Default routing rule for tla and prompt configs.")] = "paper",
-    decode: Annotated[str, typer.Option(help="Default decode mode for tla configs.")] = "cached",
-    max_new_tokens: Annotated[int | None, typer.Option(help="Cap every task's generation budget (smoke runs).")] = None,
-    embedder_dtype: EmbedderDtype = "auto",
-    data_dir: DataDir = None,
     report_only: Annotated[bool, typer.Option(help="Only rewrite the report from the items already scored.")] = False,
     rescore: Annotated[
         bool, typer.Option(help="Score the stored predictions again with today's metrics (no generation), then report.")
     ] = False,
-    placement: Placement = None,
+    plan: EvalPlan = None,
 ) -> None:
-    """The paper's comparison with bootstrap CIs; re-running resumes (finished items are skipped)."""
-    from loramix.evaluation import EvalPlan, distributed_rank, run_evaluation
+    """The paper's comparison with bootstrap CIs (and gold-answer loss with --loss); re-running resumes."""
+    from loramix.evaluation import distributed_rank, run_evaluation
     from loramix.evaluation import rescore as rescore_stored
     from loramix.report import write_report
+    from loramix.specialist import run_answer_losses
 
     if rescore:
-        _print_rescore(rescore_stored(out, data_dir, split))
+        _print_rescore(rescore_stored(plan.out, plan.data, plan.split))
         report_only = True
-
-    task_list = parse_tasks(tasks)
-    plan = EvalPlan(
-        bundle=bundle, tasks=task_list, configs=configs, out=out, limit=limit, batch_size=batch_size, split=split,
-        data=data_dir, decode=decode, merge=merge, route=route, max_new_tokens=max_new_tokens,
-        embedder_dtype=embedder_dtype, device=placement.device, dtype=placement.dtype,
-    )  # fmt: skip
+    plan.task_names()  # refuse unknown tasks before anything runs
     rank, world = distributed_rank()
     if not report_only:
-        store = run_evaluation(plan, progress=rank == 0)
-        if store.dropped:
-            err_console.print(f"[yellow]{store.dropped} unreadable result line(s) were dropped and redone.[/]")
+        if plan.generation:
+            store = run_evaluation(plan, progress=rank == 0)
+            if store.dropped:
+                err_console.print(f"[yellow]{store.dropped} unreadable result line(s) were dropped and redone.[/]")
+        if plan.loss and rank == 0:
+            run_answer_losses(plan)
         if world > 1:
             from accelerate import PartialState
 
             PartialState().wait_for_everyone()
     if rank != 0:
         return
-    results = write_report(out, _report_meta(bundle, split))
+    results = write_report(plan.out, _report_meta(plan.bundle, plan.split))
     if not results:
-        raise LoramixError(f"No scored items in {out} yet.")
-    _print_results(results)
-    console.print(f"[green]report written to {out / 'results.md'}[/]")
+        raise LoramixError(f"No scored items in {plan.out} yet.")
+    if results.get("table"):
+        _print_results(results)
+    if results.get("answer_loss"):
+        _print_loss(results["answer_loss"])
+    console.print(f"[green]report written to {plan.out / 'results.md'}[/]")
 
 
 def _print_rescore(changes: list[dict]) -> None:
@@ -366,7 +350,6 @@ def specialist(
 ) -> None:
     """Gold-answer loss of the base model and of each expert alone on every task (the specialist matrix by
     teacher forcing); resumable, and added to the eval report in the same folder."""
-    from rich.table import Table
 
     from loramix.report import write_report
     from loramix.specialist import SpecialistPlan, run_specialist
@@ -377,8 +360,14 @@ def specialist(
     if store.dropped:
         err_console.print(f"[yellow]{store.dropped} unreadable line(s) were dropped and redone.[/]")
     results = write_report(out, _report_meta(bundle, split))
-    matrix = results["answer_loss"]
-    table = Table(title="gold-answer loss, nats/token (lower is better)")
+    _print_loss(results["answer_loss"])
+    console.print(f"[green]report written to {out / 'results.md'}[/]")
+
+
+def _print_loss(matrix: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="gold-answer loss, nats/token (lower is better)", title_justify="left")
     table.add_column("model")
     for task in matrix["tasks"]:
         table.add_column(f"{task} (n={matrix['tasks'][task]['n']})", justify="right")
@@ -386,7 +375,6 @@ def specialist(
         cells = [matrix["tasks"][t]["loss"].get(model) for t in matrix["tasks"]]
         table.add_row(model, *(f"{c['mean']:.3f}" if c else "" for c in cells))
     console.print(table)
-    console.print(f"[green]report written to {out / 'results.md'}[/]")
 
 
 def _print_results(results: dict) -> None:

@@ -146,9 +146,12 @@ class Engine:
 
     def _pick(self, seq: SequenceState, logits: torch.Tensor) -> TokenEvent:
         options = seq.options
-        token_id = choose_token(
-            logits, options.temperature, options.top_p, seq.generator, seq.banned_tokens(self.mx.eos_ids)
-        )
+        if options.forced:  # teacher forcing: the gold token, whatever the model prefers
+            token_id = options.forced[seq.step]
+        else:
+            token_id = choose_token(
+                logits, options.temperature, options.top_p, seq.generator, seq.banned_tokens(self.mx.eos_ids)
+            )
         if options.logprobs is not None:
             logprob, top = token_logprobs(logits, token_id, options.logprobs)
             seq.token_logprobs.append(logprob)

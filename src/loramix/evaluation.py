@@ -33,10 +33,12 @@ from loramix.generation import GenerationResult
 from loramix.hardware import DTYPE_NAMES, Placement
 from loramix.hub import HubData
 from loramix.metrics import choose_by_loglik
-from loramix.mixture import MERGE_MODES
+from loramix.mixture import DEFAULT_MERGE, MERGE_MODES
+from loramix.options import option
 from loramix.paths import data_dir
+from loramix.sequences import DEFAULT_DECODE
 from loramix.store import REQUIRED_FIELDS, ItemStore, parse_record
-from loramix.tasks import Example, get_task
+from loramix.tasks import TASK_GROUPS, Example, get_task, parse_tasks
 
 # Every stored key hashes `"scoring": 1` (its name since the first results). A prediction does not depend on how
 # it is scored, so a metric change does not change keys (that would regenerate everything): it bumps
@@ -44,6 +46,11 @@ from loramix.tasks import Example, get_task
 KEY_SCORING_FIELD = 1
 SCORING_VERSION = 2  # 2: ARC reads only a letter that stands alone; GSM8K normalises numbers as the harness does
 PAPER_CONFIGS = "base,oracle,tla:k=1,tla:k=2,tla:k=3,tla:k=4"
+EVAL_ROUTE = "paper"  # eval's tla:k=K configs are the paper's method: its routing rule unless route= says otherwise
+CONFIGS_HELP = (
+    "Comma-separated: base, expert:NAME, oracle, uniform, prompt, tla:k=K, arrow, paper (= "
+    f"{PAPER_CONFIGS}); options after a config apply to it: decode=, merge=, route=."
+)
 OPTION_NAMES = ("decode", "merge", "route", "k")
 # Which options each config kind depends on, stated once: its name shows them when not the default, and its
 # results' cache key holds them.
@@ -130,8 +137,8 @@ def parse_configs(spec: str, bundle: Bundle, defaults: EvalConfig | None = None)
         if argument.startswith("k="):
             options.insert(0, argument)
             argument = ""
-        for option in options:
-            key, _, value = option.partition("=")
+        for setting in options:
+            key, _, value = setting.partition("=")
             if key == "k":
                 try:
                     settings["every_k"] = int(value)
@@ -271,22 +278,31 @@ def rescore(folder: Path, data: Path | None, split: str = "test") -> list[dict]:
 
 
 @dataclass(frozen=True)
-class EvalPlan:
-    bundle: Path | None
-    tasks: tuple[str, ...]
-    configs: str
-    out: Path
-    limit: int | None = None
-    batch_size: int = 8
-    split: str = "test"
-    data: Path | None = None
-    decode: str = "cached"
-    merge: str = "exact"
-    route: str = "paper"
-    max_new_tokens: int | None = None  # caps each task's generation budget (smoke runs)
-    embedder_dtype: str = "auto"  # routing-time embedder precision (see Embedder)
-    device: str = "auto"  # where the model runs (`loramix.hardware`)
-    dtype: str = "auto"  # its precision
+class EvalPlan(Placement):
+    """What `loramix eval` runs; the command's flags, defaults and help come from here."""
+
+    out: Path = option(None, "Folder for items.jsonl, results.json/.md and plots.", required=True)
+    bundle: Path | None = option(None, "Bundle folder (default: the trained default bundle).")
+    tasks: tuple[str, ...] = option(
+        TASK_GROUPS["trained"], "Comma-separated tasks or groups: trained, bbh, held-out (bbh + humaneval).",
+        comma=True,
+    )  # fmt: skip
+    configs: str = option("paper", CONFIGS_HELP)
+    limit: int | None = option(None, "First N items per task (default: all).")
+    batch_size: int = option(8, "Prompts decoded together.")
+    split: str = option("test", "Split to evaluate on.")
+    data: Path | None = option(None, "Task data folder, or hub (default: $LORAMIX_DATA, else ../shared/data).",
+                               flag="--data-dir")  # fmt: skip
+    decode: str = option(DEFAULT_DECODE, "Default decode mode for tla configs.")
+    merge: str = option(DEFAULT_MERGE, "Default merge mode for configs that do not set one.")
+    route: str = option(EVAL_ROUTE, "Default routing rule of tla and prompt configs (the paper's rule).")
+    max_new_tokens: int | None = option(None, "Cap every task's generation budget (smoke runs).")
+    embedder_dtype: str = option("auto", "Router embedder precision: fp32, bf16 or auto.")
+    generation: bool = option(True, "Generate and score by each task's metric.")
+    loss: bool = option(False, "Also score every config by its gold answer's loss (routing as in generation).")
+
+    def task_names(self) -> tuple[str, ...]:
+        return parse_tasks(",".join(self.tasks))
 
 
 def letter_token_ids(tokenizer, letters: tuple[str, ...]) -> tuple[int, ...]:
@@ -387,14 +403,13 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
     bundle = Bundle.load(resolve_bundle(plan.bundle))
     defaults = EvalConfig(kind="tla", decode=plan.decode, merge=plan.merge, route=plan.route)
     configs = parse_configs(plan.configs, bundle, defaults)
-    for task in plan.tasks:
-        get_task(task)
+    tasks = plan.task_names()
     routing_dtype = resolve_embedder_dtype(plan.embedder_dtype)
     fingerprint = BundleFingerprint.of(bundle, routing_dtype)
     rank, world = distributed_rank()
     store = ItemStore(plan.out, rank=rank).load()
     root = data_dir(plan.data)
-    examples = {task: get_task(task).load(root, plan.split)[: plan.limit] for task in plan.tasks}
+    examples = {task: get_task(task).load(root, plan.split)[: plan.limit] for task in tasks}
     placement = Placement(plan.device, plan.dtype).resolve()
     model_dtype = DTYPE_NAMES[placement[1]]
     engines = _Engines(bundle, plan.max_new_tokens, routing_dtype, placement)
@@ -402,7 +417,7 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
     plan_of_work = []  # every check runs before any generation, so a refusal wastes no time
     for config in configs:
         work = []
-        for task in plan.tasks:
+        for task in tasks:
             if config.kind == "oracle":
                 oracle_expert(bundle, task)  # fail early with a clear message
             hub_data = get_task(task).data_name(root) if isinstance(root, HubData) else None
@@ -415,7 +430,7 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
         work = [(task, key, e) for task, key, e in work if not store.has(key, e.id)]
         if work:
             # what each record names besides its scores: where its data came from, the model's precision
-            named = {task: {"data": get_task(task).data_name(root), "dtype": model_dtype} for task in plan.tasks}
+            named = {task: {"data": get_task(task).data_name(root), "dtype": model_dtype} for task in tasks}
             _run_config(config, work, engines, store, plan.batch_size, progress, on_batch, named)
     return store
 

@@ -98,12 +98,17 @@ class GenerationStream:
     Iterating yields a TokenEvent per generated token; `results()` gives the finished sequences.
     """
 
-    def __init__(self, mixture: MixtureModel, prompts: list[str], options: GenerationOptions):
+    def __init__(
+        self, mixture: MixtureModel, prompts: list[str], options: GenerationOptions,
+        per_prompt: list[GenerationOptions] | None = None,
+    ):  # fmt: skip
+        """`per_prompt`: each prompt's own options instead of `options` (e.g. its gold answer to force)."""
         if not prompts:
             raise LoramixError("No prompts given.")
         self.mx = mixture
         self.options = options
-        self.sequences = [mixture.new_sequence(prompt, options, i) for i, prompt in enumerate(prompts)]
+        chosen = per_prompt or [options] * len(prompts)
+        self.sequences = [mixture.new_sequence(p, o, i) for i, (p, o) in enumerate(zip(prompts, chosen))]
         self.engine = Engine(mixture)
         self.timing = {"prefill": 0.0, "decode": 0.0, "routing": 0.0, "total": 0.0}
         self._started = False

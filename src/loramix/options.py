@@ -1,6 +1,7 @@
 """Command-line options derived from the options dataclasses (litgpt's pattern), so each setting, its default and
 its help are stated once, on the dataclass. A field made with `option(default, help)` becomes a command-line option;
-`flag=` renames it (else --field-name), `comma=True` lets a tuple field take comma-separated values.
+`flag=` renames it (else --field-name), `comma=True` lets a tuple field take comma-separated values, `required=True`
+makes the option one the command cannot run without (the dataclass default is then a placeholder).
 
     @app.command()
     @takes_options(GenerationOptions)
@@ -29,6 +30,10 @@ def _option_parameter(field: dataclasses.Field, kind: type) -> inspect.Parameter
     import typer  # only the command line needs it
 
     flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+    if kind is bool:
+        flag = f"{flag}/--no-{flag[2:]}"
+    if field.metadata.get("required"):
+        default = ...  # typer's mark of a required option
     annotation = Annotated[kind, typer.Option(flag, help=field.metadata["help"])]
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 

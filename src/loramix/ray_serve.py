@@ -10,6 +10,8 @@ and Ray Serve's own metrics aggregate requests and latencies over replicas.
 
 Without `--address` a local Ray instance is started and shut down with the server; with one (`auto`,
 `ray://host:10001`) the deployment is added to that cluster and deleted on exit, and the cluster stays.
+SIGTERM or Ctrl-C drains: the application is deleted first, so Ray Serve routes nothing new to its replicas and
+waits up to --shutdown-timeout for their running requests to finish, streams included.
 """
 
 from __future__ import annotations
@@ -148,10 +150,12 @@ def serve_on_ray(settings: ServeSettings, ray_settings: RaySettings, on_ready=No
         while not stop.wait(0.5):  # a timed wait lets the signal handlers run
             pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # the drain: deleting the application stops routing to its replicas and waits for their ongoing requests
+        # (up to graceful_shutdown_timeout_s) while the HTTP proxy stays up to finish the streams. Our handlers stay
+        # until the end, so a repeated signal cannot cut it short through Ray's own.
+        serve.delete(APP_NAME)
         if started_local:
             serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
         ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -38,6 +38,9 @@ class GenerationOptions:
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: and the N likeliest alternatives
     # token ids whose log-probability as the FIRST generated token is reported (e.g. option letters)
     first_token_candidates: tuple[int, ...] = ()
+    # teacher forcing: emit exactly these tokens instead of choosing (gold-answer loss with routing as generation
+    # would do it); their log-probabilities are recorded, and the sequence ends after the last one
+    forced: tuple[int, ...] = ()
 
     def validate(self) -> None:
         """Refuse settings that cannot run, naming the field and the fix (before anything is generated)."""
@@ -69,6 +72,8 @@ class GenerationOptions:
             whole("seed")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise OptionError("stop", "takes non-empty text only.")
+        if self.forced and len(self.forced) != self.max_new_tokens:
+            raise OptionError("forced", "takes exactly max_new_tokens tokens.")
         if self.logprobs is not None:
             whole("logprobs")
             if not 0 <= self.logprobs <= MAX_LOGPROBS:

@@ -69,15 +69,20 @@ def answer_losses(mixture, examples: list[Example], weights: torch.Tensor | None
 
     weights: [n_experts] fixed mixing weights (one-hot = one expert), or None for the base model.
     """
-    encoded = [encode(mixture.tokenizer, e) for e in examples]
+    mixture.set_weights(None if weights is None else weights.expand(len(examples), -1))
+    return teacher_forced_losses(mixture.model, mixture.tokenizer, mixture.pad_id, examples)
+
+
+def teacher_forced_losses(model, tokenizer, pad_id: int, examples: list[Example]) -> list[tuple[float, int]]:
+    """One left-padded forward pass of prompt + gold answer through `model` as it is; the answers' mean NLL."""
+    encoded = [encode(tokenizer, e) for e in examples]
     keep = max(n for _, n in encoded) + 1  # left padding puts every answer at the end: keep only those logits
-    input_ids, mask = left_pad([ids for ids, _ in encoded], mixture.pad_id)
+    input_ids, mask = left_pad([ids for ids, _ in encoded], pad_id)
     length = input_ids.shape[1]
-    mixture.set_weights(None if weights is None else weights.expand(len(encoded), -1))
-    device = mixture.device
+    device = next(model.parameters()).device
     with torch.no_grad():
         logits = (
-            mixture.model(
+            model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=left_padded_positions(mask).to(device),
@@ -93,6 +98,27 @@ def answer_losses(mixture, examples: list[Example], weights: torch.Tensor | None
     is_answer = torch.arange(keep - 1, device=device).unsqueeze(0) >= (keep - 1 - answer_lengths).unsqueeze(1)
     totals = (nll * is_answer).sum(dim=1)
     return [(float(total) / max(n, 1), n) for total, n in zip(totals.tolist(), answer_lengths.tolist())]
+
+
+def routed_answer_losses(mixture, examples: list[Example], options) -> list[tuple[float, int]]:
+    """(mean answer NLL, answer tokens) per example with routing recomputed at every gold token exactly as
+    generation would (`options`: route, every_k, decode, merge): the engine emits the gold tokens instead of
+    choosing them, batched like generation."""
+    from dataclasses import replace
+
+    from loramix.generation import GenerationStream
+
+    tokenizer = mixture.tokenizer
+    answers = [tokenizer(e.answer_text, add_special_tokens=False).input_ids[:MAX_ANSWER_TOKENS] or [mixture.eos_ids[0]]
+               for e in examples]  # fmt: skip
+    forced = [
+        replace(options, forced=tuple(ids), max_new_tokens=len(ids), min_new_tokens=0, logprobs=0, stop=())
+        for ids in answers
+    ]
+    stream = GenerationStream(mixture, [e.prompt for e in examples], options, per_prompt=forced)
+    for _ in stream:
+        pass
+    return [(-sum(seq.token_logprobs) / len(seq.token_logprobs), len(seq.token_logprobs)) for seq in stream.sequences]
 
 
 def run_specialist(plan: SpecialistPlan, progress: bool = True) -> ItemStore:
@@ -131,5 +157,85 @@ def run_specialist(plan: SpecialistPlan, progress: bool = True) -> ItemStore:
                 {"key": key, "model": model, "task": task, "id": e.id, "nll": round(nll, 5), "tokens": n}
                 for e, (nll, n) in zip(batch, losses)
             )
+            bar.advance(handle, len(batch))
+    return store
+
+
+# ---- the gold-answer loss of any eval config (loramix eval --loss) ----
+
+
+def config_model_name(config) -> str:
+    """The loss rows' name of an eval config: the specialist's names where they coincide (base, each expert), so
+    those losses are computed once for both commands."""
+    if config.kind == "expert":
+        return config.expert
+    return config.name
+
+
+def run_answer_losses(plan, progress: bool = True) -> ItemStore:
+    """Gold-answer loss of every config of an eval plan on every item (`loramix eval --loss`): fixed weights in
+    one teacher-forced pass, routed configs through the engine with the gold tokens forced (routing recomputed
+    as generation would), PEFT's Arrow in one pass (its routing is per token already). Resumable."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from loramix.evaluation import EvalConfig, _Engines, item_key, parse_configs, resolve_embedder_dtype
+    from loramix.sequences import GenerationOptions
+
+    bundle = Bundle.load(resolve_bundle(plan.bundle))
+    defaults = EvalConfig(kind="tla", decode=plan.decode, merge=plan.merge, route=plan.route)
+    configs = [c for c in parse_configs(plan.configs, bundle, defaults) if c.kind != "oracle"]  # = its expert
+    routing_dtype = resolve_embedder_dtype(plan.embedder_dtype)
+    fingerprint = BundleFingerprint.of(bundle, routing_dtype)
+    device, dtype = Placement(plan.device, plan.dtype).resolve()
+    dtype_name = DTYPE_NAMES[dtype]
+    store = loss_store(plan.out).load()
+    root = data_dir(plan.data)
+    names = bundle.expert_names
+    work = []
+    for task in plan.task_names():
+        examples = get_task(task).load(root, plan.split)[: plan.limit]
+        for config in configs:
+            model = config_model_name(config)
+            if config.kind in ("base", "expert"):
+                key = loss_key(model, task, plan.split, fingerprint, dtype_name)
+            else:
+                generation = item_key(config, task, bundle, fingerprint, plan.split, None, None, dtype_name)
+                key = hashlib.sha256(f"{generation}|loss|{MAX_ANSWER_TOKENS}".encode()).hexdigest()[:20]
+            pending = sorted((e for e in examples if not store.has(key, e.id)), key=lambda e: len(e.training_text))
+            size = plan.batch_size if config.kind in ("prompt", "tla") else 2 * plan.batch_size
+            work += [(config, model, task, key, pending[i : i + size]) for i in range(0, len(pending), size)]
+    if not work:
+        return store
+    engines = _Engines(bundle, None, routing_dtype, (device, dtype))
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        handle = bar.add_task("gold-answer loss", total=sum(len(batch) for *_, batch in work))
+        for config, model, task, key, batch in work:
+            bar.update(handle, description=f"gold-answer loss {config.name:<24}")
+            mixture = engines.mixture
+            if config.kind == "arrow":
+                arrow = engines.arrow
+                losses = teacher_forced_losses(arrow.model, arrow.tokenizer, mixture.pad_id, batch)
+            elif config.kind in ("base", "expert", "uniform"):
+                weights = {"base": None, "uniform": torch.full((1, len(names)), 1.0 / len(names))}.get(config.kind)
+                if config.kind == "expert":
+                    weights = torch.eye(len(names))[names.index(config.expert)].unsqueeze(0)
+                mixture.set_merge(config.merge)
+                mixture.state.set_mode(config.merge)
+                losses = answer_losses(mixture, batch, weights)
+            else:
+                mixture.set_merge(config.merge)
+                options = GenerationOptions(
+                    every_k=config.every_k, route=config.route_for(task, bundle), decode=config.decode,
+                    merge=config.merge,
+                )  # fmt: skip
+                losses = routed_answer_losses(mixture, batch, replace(options))
+            store.append(
+                {"key": key, "model": model, "task": task, "id": e.id, "nll": round(nll, 5), "tokens": n,
+                 "dtype": dtype_name}
+                for e, (nll, n) in zip(batch, losses)
+            )  # fmt: skip
             bar.advance(handle, len(batch))
     return store

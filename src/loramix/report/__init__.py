@@ -71,7 +71,8 @@ def write_report(out: Path, meta: dict | None = None) -> dict:
         },
     }
     if loss_records:
-        results["answer_loss"] = answer_loss_matrix(loss_records)
+        meta = meta or {}
+        results["answer_loss"] = answer_loss_matrix(loss_records, meta.get("experts"), meta.get("oracle_experts"))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plots = write_plots(out, scores, results)
     notes_file = out / NOTES_FILE

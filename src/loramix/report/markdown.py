@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loramix.report.claims import highest_as_shown
-from loramix.report.scores import Scores
+from loramix.report.scores import HINDSIGHT_ROW, ORACLE_ROW, Scores
 from loramix.tasks import ALL_TASKS
 
 
@@ -235,11 +235,13 @@ def _render_routing_accuracy(accuracy: dict, tasks: list[str]) -> list[str]:
 def _render_answer_loss(matrix: dict, own: dict[str, str]) -> list[str]:
     tasks = list(matrix["tasks"])
     lines = [
-        "## Specialist matrix by gold-answer loss",
+        "## Gold-answer loss",
         "",
         "Mean loss of the gold answer under teacher forcing, nats per answer token (lower is better), "
-        "[95% bootstrap CI]; its own task in bold. It shows what each expert learned where the task metric "
-        "sits at the floor. Every cell of a column uses the same items.",
+        "[95% bootstrap CI]; its own task's expert in bold. Routed configs recompute their routing at every gold "
+        "token exactly as generation would. It shows what the models learned where the task metric sits at the "
+        f"floor. Every cell of a column uses the same items. `{ORACLE_ROW}`: each task's own expert; "
+        f"`{HINDSIGHT_ROW}`: the expert alone with the lowest loss on that task, chosen after the fact.",
         "",
         "| model | " + " | ".join(f"{ALL_TASKS[t].title} (n={matrix['tasks'][t]['n']})" for t in tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),
@@ -250,15 +252,41 @@ def _render_answer_loss(matrix: dict, own: dict[str, str]) -> list[str]:
             cell = matrix["tasks"][task]["loss"].get(model)
             text = f"{cell['mean']:.3f} [{cell['ci'][0]:.3f}, {cell['ci'][1]:.3f}]" if cell else ""
             cells.append(f"**{text}**" if text and own.get(task) == model else text)
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        if any(cells):
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "Each task's own expert minus the base model, paired over the same items:", ""]
     for task in tasks:
         model = own.get(task)
-        cell = matrix["tasks"][task]["vs_base"].get(model) if model else None
+        cell = matrix["tasks"][task]["vs"].get("base", {}).get(model) if model else None
         if cell:
             low, high = cell["ci"]
             lines.append(
                 f"- {ALL_TASKS[task].title}: {model} {cell['mean']:+.3f} nats/token [{low:+.3f}, {high:+.3f}], "
                 f"{'lower' if high < 0 else 'not lower'} than the base model"
             )
+    for group, cell in matrix.get("averages", {}).items():
+        lines += _render_loss_average(group, cell)
     return [*lines, ""]
+
+
+def _render_loss_average(group: str, cell: dict) -> list[str]:
+    """The average over a group of tasks, and every row minus each reference, paired (negative: lower loss)."""
+    references = list(cell["vs"])
+    lines = [
+        "",
+        f"### Average over the {group} tasks ({len(cell['tasks'])})",
+        "",
+        "Mean of the task means, nats/token, and each row minus each reference row, paired over items "
+        "[95% CI, every task resampled on its own]; a CI wholly below 0 means lower loss than that reference.",
+        "",
+        "| model | loss | " + " | ".join(f"minus {r}" for r in references) + " |",
+        "|" + "---|" * (len(references) + 2),
+    ]
+    for model, loss in cell["loss"].items():
+        diffs = []
+        for reference in references:
+            d = cell["vs"][reference].get(model)
+            diffs.append(f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "")
+        lines.append(f"| {model} | {loss['mean']:.3f} [{loss['ci'][0]:.3f}, {loss['ci'][1]:.3f}] | "
+                     + " | ".join(diffs) + " |")  # fmt: skip
+    return lines

@@ -207,25 +207,63 @@ def routing_accuracy(scores: Scores, experts: list[str], oracle_experts: dict[st
     return dict(out)
 
 
-def answer_loss_matrix(records: list[dict]) -> dict:
-    """Per task: each model's mean gold-answer loss (nats/token) over the items every model scored there, and each
-    expert minus the base model, paired over those items (records from `loramix specialist`)."""
+ORACLE_ROW = "oracle"  # each task's own expert
+HINDSIGHT_ROW = "best expert (hindsight)"  # each task's expert of the lowest mean loss there
+LOSS_REFERENCES = ("base", "uniform", HINDSIGHT_ROW, ORACLE_ROW)
+
+
+def answer_loss_matrix(records: list[dict], experts: list[str] | None = None, own: dict | None = None) -> dict:
+    """Per task: each model's (config's) mean gold-answer loss (nats/token) over the items every one of them scored
+    there, two derived rows (the task's own expert, `oracle`; and the expert alone of the lowest mean loss on that
+    task, chosen in hindsight: an upper bound for any routing that picks one expert per task), and every row minus
+    each reference row (base, uniform, best expert, oracle), paired over those items. Averages over the trained
+    tasks and over the held-out ones resample every task on its own."""
     losses: dict = defaultdict(dict)
     for record in records:
         losses[(record["model"], record["task"])][record["id"]] = record["nll"]
     models = sorted(dict.fromkeys(r["model"] for r in records), key=lambda m: m != "base")  # base first
-    matrix: dict = {"models": models, "tasks": {}}
+    experts = [e for e in (experts or []) if e in models]
+    matrix: dict = {"models": [*models, ORACLE_ROW, HINDSIGHT_ROW], "tasks": {}, "averages": {}}
+    per_task_values: dict = {}
     for task in (t for t in ALL_TASKS if any((m, t) in losses for m in models)):
         present = [m for m in models if (m, task) in losses]
         ids = sorted(set.intersection(*(set(losses[(m, task)]) for m in present)))
         values = {m: np.array([losses[(m, task)][i] for i in ids]) for m in present}
-        row: dict = {"n": len(ids), "loss": {m: mean_ci(v) for m, v in values.items()}, "vs_base": {}}
-        if "base" in values and ids:
-            for model in present[1:]:
-                difference = values[model] - values["base"]
+        if own and own.get(task) in values:
+            values[ORACLE_ROW] = values[own[task]]
+        scored = [e for e in experts if e in values]
+        if scored and ids:
+            best = min(scored, key=lambda e: values[e].mean())
+            values[HINDSIGHT_ROW] = values[best]
+        row: dict = {"n": len(ids), "loss": {m: mean_ci(v) for m, v in values.items()}, "vs": {}}
+        row["hindsight_expert"] = best if scored and ids else None
+        for reference in (r for r in LOSS_REFERENCES if r in values and ids):
+            row["vs"][reference] = {}
+            for model in (m for m in values if m != reference):
+                difference = values[model] - values[reference]
                 low, high = bootstrap_mean_ci(difference)
-                row["vs_base"][model] = {"mean": float(difference.mean()), "ci": [low, high]}
+                row["vs"][reference][model] = {"mean": float(difference.mean()), "ci": [low, high]}
+        row["vs_base"] = row["vs"].get("base", {})
         matrix["tasks"][task] = row
+        per_task_values[task] = values
+    for group, held_out in (("trained", False), ("held-out", True)):
+        tasks = [t for t in per_task_values if ALL_TASKS[t].held_out == held_out and matrix["tasks"][t]["n"]]
+        if not tasks:
+            continue
+        shared = set.intersection(*(set(per_task_values[t]) for t in tasks))
+        cell: dict = {"tasks": tasks, "loss": {}, "vs": {}}
+        for model in (m for m in matrix["models"] if m in shared):
+            per_task = [per_task_values[t][model] for t in tasks]
+            low, high = bootstrap_average_ci(per_task)
+            cell["loss"][model] = {"mean": float(np.mean([v.mean() for v in per_task])), "ci": [low, high]}
+        for reference in (r for r in LOSS_REFERENCES if r in shared):
+            cell["vs"][reference] = {}
+            for model in (m for m in matrix["models"] if m in shared and m != reference):
+                differences = [per_task_values[t][model] - per_task_values[t][reference] for t in tasks]
+                low, high = bootstrap_average_ci(differences)
+                mean = float(np.mean([d.mean() for d in differences]))
+                cell["vs"][reference][model] = {"mean": mean, "ci": [low, high]}
+        matrix["averages"][group] = cell
     return matrix
 
 
