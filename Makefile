@@ -24,7 +24,8 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest -q
+	# one worker per core (pytest-xdist): most tests wait on a model or a server process, so two run side by side
+	$(BIN)/python -m pytest -q -n 2
 
 lint: install
 	$(BIN)/ruff check src tests

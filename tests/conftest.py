@@ -14,7 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import make_random_expert, make_tiny_base  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest-xdist runs one worker per core: each takes one thread, so they do not fight over the cores
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 # Every run sees the same terminal, whoever starts it: 80 columns, the width of a plain non-tty shell or CI runner.
 # (Command output must read right at that width; tables may fold, messages may not break mid-phrase.)
 os.environ["COLUMNS"] = "80"
@@ -136,3 +138,21 @@ def tiny_mixture(tiny_bundle):
     from loramix.generation import MixtureModel
 
     return MixtureModel.from_bundle(tiny_bundle, embedder_dtype="fp32")  # exact routing, as the reference
+
+
+TINY_SERVER_BUDGET = 3000  # KV-cache tokens of the shared tiny server: a few long requests at a time
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_bundle):
+    """One `loramix serve` of the tiny bundle for every test that only talks to it (a server costs seconds to start):
+    fp32 routing as the in-process tiny mixture it is compared with, small prefill chunks (so every longer prompt
+    is taken in several), a KV budget a few long requests fill."""
+    from helpers import start_server, stop_server
+
+    process, url = start_server(
+        "--bundle", str(tiny_bundle), "--embedder-dtype", "fp32", "--max-new-tokens-limit", "64", "--max-batch", "8",
+        "--max-queue", "256", "--max-batch-tokens", str(TINY_SERVER_BUDGET), "--prefill-chunk", "32",
+    )  # fmt: skip
+    yield url
+    stop_server(process)

@@ -25,10 +25,11 @@ def run_cli(*args: str, home=None) -> subprocess.CompletedProcess:
 
 
 def test_generate_json(tiny_bundle):
-    done = run_cli("generate", "Question: What is 2 + 3?\n\nAnswer:", "--bundle", str(tiny_bundle), "--json",
-                   "--max-new-tokens", "6", "--min-new-tokens", "6", "--every-k", "3")  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    payload = json.loads(done.stdout)
+    prompt = "Question: What is 2 + 3?\n\nAnswer:"
+    code, out, err = run_in_process("generate", prompt, "--bundle", str(tiny_bundle), "--json", "--max-new-tokens", "6",
+                                    "--min-new-tokens", "6", "--every-k", "3")  # fmt: skip
+    assert code == 0, err
+    payload = json.loads(out)
     assert payload["experts"] == ["gsm8k", "arc", "codealpaca"]
     assert len(payload["token_ids"]) == len(payload["weights"]) == len(payload["tokens"]) == 6
     assert payload["reroutes"] == [0, 3]
@@ -42,10 +43,10 @@ def test_generate_json(tiny_bundle):
 
 
 def test_generate_trace_streams_and_summarises(tiny_bundle):
-    done = run_cli("generate", "Write a function.\n\nAnswer:", "--bundle", str(tiny_bundle), "--trace",
-                   "--max-new-tokens", "5", "--min-new-tokens", "5")  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "routing weights" in done.stdout and "codealpaca" in done.stdout and "re-routes" in done.stdout
+    code, out, err = run_in_process("generate", "Write a function.\n\nAnswer:", "--bundle", str(tiny_bundle),
+                                    "--trace", "--max-new-tokens", "5", "--min-new-tokens", "5")  # fmt: skip
+    assert code == 0, err
+    assert "routing weights" in out and "codealpaca" in out and "re-routes" in out
 
 
 def test_info_json(tmp_path):

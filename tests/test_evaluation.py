@@ -98,9 +98,11 @@ def counted_generate(monkeypatch):
 
 
 def _plan(tiny_bundle, tiny_data, out, configs="base,oracle,tla:k=1,tla:k=2", limit=2):
+    # 12 new tokens at most: the tiny random model never ends an answer, and the machinery is what is tested here
     return EvalPlan(
-        bundle=tiny_bundle, tasks=TASKS, configs=configs, out=out, limit=limit, batch_size=2, data=tiny_data
-    )
+        bundle=tiny_bundle, tasks=TASKS, configs=configs, out=out, limit=limit, batch_size=2, data=tiny_data,
+        max_new_tokens=12, device="cpu", dtype="fp32",
+    )  # fmt: skip
 
 
 def test_end_to_end_eval_writes_items_and_resumes(tiny_bundle, tiny_data, tmp_path, counted_generate):
@@ -171,12 +173,15 @@ def test_eval_cli_runs_and_reports(tiny_bundle, tiny_data, tmp_path):
 
     out = tmp_path / "cli_eval"
     done = run_cli("eval", "--bundle", str(tiny_bundle), "--tasks", "arc", "--configs", "base,tla:k=2", "--limit", "2",
-                   "--out", str(out), "--data-dir", str(tiny_data), "--max-new-tokens", "4")  # fmt: skip
+                   "--out", str(out), "--data-dir", str(tiny_data), "--max-new-tokens", "4",
+                   "--dtype", "fp32")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "primary metric" in done.stdout and (out / "results.md").is_file()
-    again = run_cli("eval", "--bundle", str(tiny_bundle), "--tasks", "squad", "--configs", "oracle", "--out", str(out),
-                    "--data-dir", str(tiny_data))  # fmt: skip
-    assert again.returncode == 2 and "no expert for task 'squad'" in again.stderr
+    from test_cli import run_in_process
+
+    code, _, err = run_in_process("eval", "--bundle", str(tiny_bundle), "--tasks", "squad", "--configs", "oracle",
+                                  "--out", str(out), "--data-dir", str(tiny_data))  # fmt: skip
+    assert code == 2 and "no expert for task 'squad'" in err
 
 
 def test_claim_averages_compare_configs_on_the_items_they_share():

@@ -76,5 +76,4 @@ def test_the_wheel_installed_elsewhere_finds_its_bundle_and_generates(tmp_path):
                       "--max-new-tokens", "6", "--json"], elsewhere, _environment())  # fmt: skip
     result = json.loads(generated.stdout)
     assert result["text"] and len(result["weights"]) == len(result["token_ids"]) and result["reroutes"][:2] == [0, 1]
-    demo = _run([str(python), "-m", "loramix", "demo"], elsewhere, _environment())
-    assert demo.stdout.count("reference:") == 4 and "route hidden" in demo.stdout
+    # (the demo itself runs from the bare copy above; here the installed package's own files are what is tested)

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import start_server, stop_server
-
 SCREENSHOT = os.environ.get("LORAMIX_PAGE_SCREENSHOT")  # where to keep the screenshot (e.g. for the README)
 
 
@@ -38,10 +36,8 @@ def _browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def page_server(tiny_bundle):
-    process, url = start_server("--bundle", str(tiny_bundle), "--embedder-dtype", "fp32")
-    yield url
-    stop_server(process)
+def page_server(tiny_server):
+    return tiny_server
 
 
 def test_the_page_streams_an_answer_with_tokens_coloured_by_expert(page_server, tiny_mixture, tmp_path):

@@ -64,8 +64,8 @@ def test_two_replicas_serve_the_same_answers_and_shutdown_leaves_no_ray_process(
 
         def ask(i: int):
             raw = client.completions.with_raw_response.create(
-                model="loramix", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=32, temperature=0,
-                extra_body={"min_tokens": 32, "every_k": 1 + i % 3},
+                model="loramix", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=16, temperature=0,
+                extra_body={"min_tokens": 16, "every_k": 1 + i % 3},
             )  # fmt: skip
             return raw.headers["x-loramix-replica"], raw.parse().choices[0].text
 
@@ -78,13 +78,13 @@ def test_two_replicas_serve_the_same_answers_and_shutdown_leaves_no_ray_process(
                 answers += list(pool.map(ask, range(32)))
         for i, (_, text) in enumerate(answers):
             expected = tiny_mixture.generate(
-                PROMPTS[i % 32 % len(PROMPTS)], max_new_tokens=32, min_new_tokens=32, every_k=1 + i % 32 % 3
+                PROMPTS[i % 32 % len(PROMPTS)], max_new_tokens=16, min_new_tokens=16, every_k=1 + i % 32 % 3
             )
             assert text == expected.text, i
         replicas = {replica for replica, _ in answers}
         assert len(replicas) == 2, f"both replicas served requests: {replicas}"
         # SIGTERM mid-stream: Ray Serve's graceful shutdown lets the running stream finish
-        body = {"model": "loramix", "prompt": PROMPTS[0], "max_tokens": 200, "min_tokens": 200, "temperature": 0}
+        body = {"model": "loramix", "prompt": PROMPTS[0], "max_tokens": 120, "min_tokens": 120, "temperature": 0}
         signalled = threading.Event()
 
         def on_chunk(count: int) -> None:
@@ -93,7 +93,7 @@ def test_two_replicas_serve_the_same_answers_and_shutdown_leaves_no_ray_process(
                 process.send_signal(signal.SIGTERM)
 
         drained = streamed(url, body, on_chunk)
-        assert signalled.is_set() and drained["done"] and drained["error"] is None and drained["chunks"] == 200
+        assert signalled.is_set() and drained["done"] and drained["error"] is None and drained["chunks"] == 120
     finally:
         process.send_signal(signal.SIGTERM)
         try:

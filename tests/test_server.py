@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 
-from helpers import start_server, stop_server
 from loramix.openai_serving import StopHoldback
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (make test installs it)")
@@ -25,14 +24,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):
-    # fp32 routing, as the in-process tiny mixture the outputs are compared with
-    process, url = start_server(
-        "--bundle", str(tiny_bundle), "--embedder-dtype", "fp32", "--max-new-tokens-limit", str(LIMIT),
-        "--max-batch", "8", "--max-queue", "256",
-    )  # fmt: skip
-    yield url
-    stop_server(process)
+def server(tiny_server):
+    return tiny_server  # max_tokens up to LIMIT
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,17 @@ import time
 import httpx
 import pytest
 
+from conftest import TINY_SERVER_BUDGET
 from helpers import start_server, stop_server, streamed
 
 PROMPT = "Question: What is 2 + 3?\n\nAnswer:"
 LONG = "Context:\nThe sky is blue and the grass is green. " * 12 + "\n\nQuestion: What colour is the sky?\n\nAnswer:"
-BUDGET = 600  # KV-cache tokens: a few requests at a time
+BUDGET = TINY_SERVER_BUDGET
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):
-    process, url = start_server(
-        "--bundle", str(tiny_bundle), "--embedder-dtype", "fp32", "--max-new-tokens-limit", "64",
-        "--max-batch-tokens", str(BUDGET), "--prefill-chunk", "8",
-    )  # fmt: skip
-    yield url
-    stop_server(process)
+def server(tiny_server):
+    return tiny_server  # prefill chunks of 32 tokens, a KV budget of BUDGET tokens
 
 
 def test_a_fuzzer_from_the_servers_own_schema_finds_no_server_error(server):
@@ -74,13 +70,13 @@ def test_a_long_prompt_in_chunks_beside_a_stream_gives_both_their_tokens_alone(s
     long_body = {**body, "prompt": LONG, "max_tokens": 6, "min_tokens": 6}
     long = httpx.post(server + "/v1/completions", json=long_body, timeout=60)
     thread.join(timeout=120)
-    assert long.status_code == 200 and long.json()["usage"]["prompt_tokens"] > 8 * 10  # ten chunks and more
+    assert long.status_code == 200 and long.json()["usage"]["prompt_tokens"] > 32 * 4  # several chunks
     assert long.json()["choices"][0]["text"] == tiny_mixture.generate(LONG, max_new_tokens=6, min_new_tokens=6).text
     assert result["text"] == tiny_mixture.generate(PROMPT, max_new_tokens=48, min_new_tokens=48).text
 
 
 def test_a_request_over_the_kv_budget_is_refused_naming_the_limit(server):
-    over = {"model": "loramix", "prompt": LONG, "max_tokens": 64, "n": 5}  # 5 x (prompt + 64) > 600
+    over = {"model": "loramix", "prompt": LONG, "max_tokens": 64, "n": 16}  # 16 x (prompt + 64) > BUDGET
     response = httpx.post(server + "/v1/completions", json=over, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -101,18 +97,18 @@ def test_usage_counts_every_prompt_once(server, tiny_mixture):
 
 
 def test_many_requests_beyond_the_budget_wait_their_turn_and_all_finish(server):
-    body = {"model": "loramix", "prompt": LONG, "max_tokens": 16, "min_tokens": 16, "temperature": 0}
+    body = {"model": "loramix", "prompt": LONG, "max_tokens": 8, "min_tokens": 8, "temperature": 0}
     statuses = []
 
     def one():
         statuses.append(httpx.post(server + "/v1/completions", json=body, timeout=120).status_code)
 
-    threads = [threading.Thread(target=one) for _ in range(8)]  # 8 x ~150 tokens: several times the budget
+    threads = [threading.Thread(target=one) for _ in range(16)]  # 16 x LONG: over the budget together
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert statuses == [200] * 8
+    assert statuses == [200] * 16
 
 
 @pytest.fixture
@@ -132,34 +128,32 @@ def own_server(tiny_bundle):
 
 def test_sigterm_drains_the_running_stream_refuses_newcomers_and_exits_0(own_server):
     process, url = own_server("--max-new-tokens-limit", "512")
-    body = {"model": "loramix", "prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "temperature": 0}
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(streamed(url, body)))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while httpx.get(url + "/health").json().get("running", 0) == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    refused = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 4, "min_tokens": 0}, timeout=30)
-    assert refused.status_code == 503 and refused.headers["retry-after"]
-    assert "shutting down" in refused.json()["error"]["message"]
-    thread.join(timeout=120)
-    assert result["done"] and result["error"] is None and result["chunks"] == 400  # the stream completed
+    body = {"model": "loramix", "prompt": PROMPT, "max_tokens": 200, "min_tokens": 200, "temperature": 0}
+    refused = {}
+
+    def on_chunk(count: int) -> None:
+        if count == 3:  # mid-stream: stop the server, then knock while it drains
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            refused["response"] = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 4, "min_tokens": 0})
+
+    result = streamed(url, body, on_chunk)
+    assert result["done"] and result["error"] is None and result["chunks"] == 200  # the stream completed
+    response = refused["response"]
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert "shutting down" in response.json()["error"]["message"]
     assert process.wait(timeout=60) == 0
 
 
 def test_a_stream_past_the_shutdown_timeout_ends_with_an_error_event(own_server):
     process, url = own_server("--max-new-tokens-limit", "512", "--shutdown-timeout", "0")
     body = {"model": "loramix", "prompt": PROMPT, "max_tokens": 500, "min_tokens": 500, "temperature": 0}
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(streamed(url, body)))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while httpx.get(url + "/health").json().get("running", 0) == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    thread.join(timeout=120)
+
+    def on_chunk(count: int) -> None:
+        if count == 3:
+            process.send_signal(signal.SIGTERM)
+
+    result = streamed(url, body, on_chunk)
     assert result["error"] is not None and "shut down" in result["error"]["message"]
     assert 0 < result["chunks"] < 500 and not result["done"]
     assert process.wait(timeout=60) == 0
