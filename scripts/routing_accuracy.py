@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from loramix.bundle import Bundle, resolve_bundle
-from loramix.evaluation import oracle_experts
+from loramix.eval_configs import oracle_experts
 from loramix.generation import MixtureModel, left_padded_positions
 from loramix.hidden_router import masked_mean
 from loramix.paths import data_dir

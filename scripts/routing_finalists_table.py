@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 from loramix.bundle import Bundle, resolve_bundle
-from loramix.evaluation import load_records, oracle_experts
+from loramix.eval_configs import oracle_experts
+from loramix.evaluation import load_records
 from loramix.report import Scores, paired, routing_accuracy
 from loramix.tasks import TASKS
 

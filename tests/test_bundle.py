@@ -78,11 +78,11 @@ def test_corrupt_or_incomplete_bundles(tiny_bundle, tmp_path):
 
 
 def test_router_with_the_wrong_number_of_rows_is_refused(tiny_bundle, tmp_path):
-    from loramix.router import save_centroids
+    from loramix.centroids import save_centroids
 
     odd = tmp_path / "odd"
     shutil.copytree(tiny_bundle, odd)
-    save_centroids(odd / "router.safetensors", torch.randn(2, 384), ["a", "b"], "minilm")
+    save_centroids(odd / "router.safetensors", torch.randn(2, 384), ["a", "b"], embedder="minilm")
     with pytest.raises(LoramixError, match="lists 3 experts"):
         Bundle.load(odd).load_centroids()
 

@@ -10,7 +10,8 @@ import pytest
 
 from loramix.bundle import Bundle, BundleFingerprint
 from loramix.errors import LoramixError
-from loramix.evaluation import EvalConfig, EvalPlan, item_key, parse_configs, run_evaluation
+from loramix.eval_configs import EvalConfig, item_key, parse_configs
+from loramix.evaluation import EvalPlan, run_evaluation
 from loramix.generation import MixtureModel
 from loramix.report import (
     Scores,
@@ -242,7 +243,8 @@ def test_a_run_with_other_settings_is_refused_before_it_mixes_into_the_report(ti
 def test_stored_predictions_scored_by_older_metrics_are_rescored_without_generating(
     tiny_bundle, tiny_data, tmp_path, counted_generate
 ):
-    from loramix.evaluation import SCORING_VERSION, load_records, rescore
+    from loramix.eval_configs import SCORING_VERSION
+    from loramix.evaluation import load_records, rescore
 
     out = tmp_path / "eval"
     run_evaluation(_plan(tiny_bundle, tiny_data, out, configs="base"), progress=False)

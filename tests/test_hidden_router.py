@@ -90,7 +90,7 @@ def test_hidden_routes_need_the_centroids_and_a_real_layer(tiny_bundle, hidden_m
     (older / HIDDEN_ROUTER_FILE).unlink()
     without = MixtureModel.from_bundle(older, embedder_dtype="fp32")
     for spec in ("hidden:1/top1", "hidden"):
-        with pytest.raises(LoramixError, match="router hidden BUNDLE`, or choose a text route such as --route paper"):
+        with pytest.raises(LoramixError, match="router hidden BUNDLE`, or choose a text route such as --route boost"):
             without.new_sequence(PROMPT, GenerationOptions(route=spec))
     for spec in ("hidden:9/top1", "hidden:-3/top1"):
         with pytest.raises(LoramixError, match="has 2 layers"):

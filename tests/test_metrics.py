@@ -1,23 +1,14 @@
-"""Metric functions against hand-worked examples, including the tricky normalisation cases."""
+"""Each task's scorer against hand-worked examples, including the tricky normalisation cases."""
 
 from __future__ import annotations
 
 import pytest
 
-from loramix.metrics import (
-    arc_letter,
-    choose_by_loglik,
-    gsm8k_flexible_answer,
-    gsm8k_strict_answer,
-    normalise_answer,
-    normalise_number,
-    score_arc,
-    score_codealpaca,
-    score_gsm8k,
-    score_squad,
-    squad_f1,
-)
 from loramix.tasks import Example
+from loramix.tasks.arc import arc_letter, choose_by_loglik, score_arc
+from loramix.tasks.codealpaca import score_codealpaca
+from loramix.tasks.gsm8k import gsm8k_flexible_answer, gsm8k_strict_answer, normalise_number, score_gsm8k
+from loramix.tasks.squad import normalise_answer, score_squad, squad_f1
 
 
 def item(*references, choices=()):

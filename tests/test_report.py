@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from loramix.evaluation import SCORING_VERSION
+from loramix.eval_configs import SCORING_VERSION
 from loramix.report import (
     Scores,
     bootstrap_average_ci,

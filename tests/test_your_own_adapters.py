@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from helpers import make_random_expert
 from loramix.bundle import ROUTER_FILE, Bundle
 from loramix.bundle_build import add_expert, build_bundle, describe_experts, remove_expert
+from loramix.centroids import load_centroids
 from loramix.cli import app
 from loramix.errors import LoramixError
 from loramix.generation import MixtureModel
-from loramix.hidden_router import HIDDEN_ROUTER_FILE, load_hidden_centroids
-from loramix.router import load_centroids
+from loramix.hidden_router import HIDDEN_ROUTER_FILE
 from loramix.router_texts import read_text_file
 
 POEMS = [
@@ -128,18 +128,18 @@ def test_adding_and_removing_an_expert_keeps_the_others_rows(tiny_base, own_bund
     shutil.copytree(own_bundle, root)
     names = ["poems", "sql"]
     text_rows = load_centroids(root / ROUTER_FILE, 2)
-    hidden_rows = load_hidden_centroids(root / HIDDEN_ROUTER_FILE, names)
+    hidden_rows = load_centroids(root / HIDDEN_ROUTER_FILE, len(names), rank=3)
 
     add_expert(root, "law", own_adapters["law"], str(own_texts["law"]))
     added = Bundle.load(root)
     assert added.expert_names == ["poems", "sql", "law"] and (root / "texts" / "law.txt").is_file()
     assert torch.equal(load_centroids(root / ROUTER_FILE, 3)[:2], text_rows)
-    assert torch.equal(load_hidden_centroids(root / HIDDEN_ROUTER_FILE, added.expert_names)[:, :2], hidden_rows)
+    assert torch.equal(load_centroids(root / HIDDEN_ROUTER_FILE, len(added.expert_names), rank=3)[:, :2], hidden_rows)
     rebuilt = tmp_path / "rebuilt"  # the new rows equal what building all three at once gives
     build_bundle(rebuilt, {**{n: own_adapters[n] for n in names}, "law": own_adapters["law"]},
                  base_model=str(tiny_base), texts={n: str(own_texts[n]) for n in own_texts})  # fmt: skip
     assert torch.allclose(load_centroids(rebuilt / ROUTER_FILE, 3), load_centroids(root / ROUTER_FILE, 3), atol=1e-5)
-    both = [load_hidden_centroids(r / HIDDEN_ROUTER_FILE, added.expert_names) for r in (rebuilt, root)]
+    both = [load_centroids(r / HIDDEN_ROUTER_FILE, len(added.expert_names), rank=3) for r in (rebuilt, root)]
     assert torch.allclose(*both, atol=1e-5)
     rows = {row["name"]: row for row in describe_experts(root)}
     assert (rows["sql"]["rank"], rows["sql"]["targets"], rows["law"]["texts"]) == (8, "o_proj,q_proj", "texts/law.txt")

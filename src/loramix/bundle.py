@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from loramix.adapters import ExpertAdapter, load_expert
+from loramix.centroids import load_centroids
 from loramix.errors import LoramixError
 from loramix.hidden_router import (
     HIDDEN_ROUTER_FILE,
 )
 from loramix.models import DEFAULT_EMBEDDER
 from loramix.paths import PACKAGE_ROOT, loramix_home
-from loramix.router import load_centroids
 
 BUNDLE_FILE = "bundle.json"
 ROUTER_FILE = "router.safetensors"

@@ -15,17 +15,16 @@ import torch
 from loramix import __version__
 from loramix.adapters import ExpertAdapter, adapter_folder, check_same_base, load_expert
 from loramix.bundle import ROUTER_FILE, Bundle, ExpertEntry
+from loramix.centroids import load_centroids, save_centroids
 from loramix.errors import LoramixError
 from loramix.hardware import Placement
 from loramix.hidden_router import (
     HIDDEN_ROUTER_FILE,
     build_hidden_centroids,
-    load_hidden_centroids,
-    save_hidden_centroids,
 )
 from loramix.mixture import attach_experts, detach_experts
 from loramix.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, base_model_signature, load_base_model
-from loramix.router import Embedder, build_centroids, save_centroids
+from loramix.router import Embedder, build_centroids
 from loramix.router_texts import HIDDEN_EXAMPLES, RouterTexts, load_router_texts
 from loramix.tasks import TASKS
 
@@ -121,7 +120,7 @@ def build_hidden_router(
         chosen[entry.name] = source.for_hidden_router if texts == "prompts" else source.for_text_router
     centroids = _hidden_rows(model, tokenizer, chosen, batch_size)
     path = bundle.root / HIDDEN_ROUTER_FILE
-    save_hidden_centroids(path, centroids, bundle.expert_names, max_examples)
+    save_centroids(path, centroids, bundle.expert_names, examples_per_expert=max_examples)
     bundle.info["hidden_router"] = {"texts": texts, "examples": {name: len(t) for name, t in chosen.items()}}
     bundle.save()
     return path
@@ -169,8 +168,8 @@ def build_bundle(
     names = [e.name for e in entries]
     text_texts = {name: source.for_text_router for name, source in sources.items()}
     centroids = build_centroids(Embedder(embedder, _placed(placement)[0]), text_texts, progress=progress)
-    save_centroids(root / ROUTER_FILE, centroids, names, embedder)
-    save_hidden_centroids(root / HIDDEN_ROUTER_FILE, hidden, names, HIDDEN_EXAMPLES)
+    save_centroids(root / ROUTER_FILE, centroids, names, embedder=embedder)
+    save_centroids(root / HIDDEN_ROUTER_FILE, hidden, names, examples_per_expert=HIDDEN_EXAMPLES)
     bundle = Bundle(
         root=root,
         base_model=base_model,
@@ -207,7 +206,7 @@ def add_expert(
     hidden = None
     if hidden_file.is_file():
         new_rows = _hidden_rows(model, tokenizer, {name: source.for_hidden_router[:HIDDEN_EXAMPLES]})
-        hidden = torch.cat([load_hidden_centroids(hidden_file, bundle.expert_names), new_rows], dim=1)
+        hidden = torch.cat([load_centroids(hidden_file, len(bundle.expert_names), rank=3), new_rows], dim=1)
     del model
     row = build_centroids(Embedder(bundle.embedder, _placed(placement)[0]), {name: source.for_text_router})
     centroids = torch.cat([bundle.load_centroids(), row])
@@ -229,7 +228,7 @@ def remove_expert(root: str | Path, name: str) -> Bundle:
         raise LoramixError(f"'{name}' is the bundle's only expert; a bundle needs at least one.")
     keep = [i for i, n in enumerate(names) if n != name]
     hidden_file = bundle.root / HIDDEN_ROUTER_FILE
-    hidden = load_hidden_centroids(hidden_file, names)[:, keep] if hidden_file.is_file() else None
+    hidden = load_centroids(hidden_file, len(names), rank=3)[:, keep] if hidden_file.is_file() else None
     centroids = bundle.load_centroids()[keep]
     entry = bundle.experts.pop(names.index(name))
     _save_rows(bundle, centroids, hidden)
@@ -245,9 +244,9 @@ def remove_expert(root: str | Path, name: str) -> Bundle:
 
 def _save_rows(bundle: Bundle, centroids: torch.Tensor, hidden: torch.Tensor | None) -> None:
     names = bundle.expert_names
-    save_centroids(bundle.root / bundle.router, centroids, names, bundle.embedder)
+    save_centroids(bundle.root / bundle.router, centroids, names, embedder=bundle.embedder)
     if hidden is not None:
-        save_hidden_centroids(bundle.root / HIDDEN_ROUTER_FILE, hidden, names, HIDDEN_EXAMPLES)
+        save_centroids(bundle.root / HIDDEN_ROUTER_FILE, hidden, names, examples_per_expert=HIDDEN_EXAMPLES)
 
 
 def describe_experts(root: str | Path) -> list[dict]:

@@ -325,7 +325,7 @@ def _print_rescore(changes: list[dict]) -> None:
 
 def _report_meta(bundle: Path | None, split: str) -> dict:
     from loramix.bundle import Bundle, resolve_bundle
-    from loramix.evaluation import oracle_experts
+    from loramix.eval_configs import oracle_experts
     from loramix.paths import shown_path
 
     used = Bundle.load(resolve_bundle(bundle))

@@ -16,21 +16,23 @@ and the prompt's own mean comes from one pass over the prompt with the experts o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from loramix.errors import LoramixError
 
 HIDDEN_ROUTER_FILE = "router_hidden.safetensors"
 
 
+def masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b, seq, d], [b, seq] -> [b, d]: the sum over each row's real tokens (padding, mask 0, left out). The one
+    pooling of hidden states: centroids take its mean, routing keeps a running sum."""
+    return (hidden * mask.to(hidden.dtype).unsqueeze(-1)).sum(dim=1)
+
+
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[b, seq, d], [b, seq] -> [b, d]: the mean over each row's real tokens."""
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    return masked_sum(hidden, mask) / mask.sum(dim=1, keepdim=True).to(hidden.dtype).clamp(min=1)
 
 
 @torch.no_grad()
@@ -58,32 +60,6 @@ def build_hidden_centroids(
                 progress(len(texts[start : start + batch_size]))
         rows.append(total / len(texts))
     return torch.stack(rows, dim=1).cpu()
-
-
-def save_hidden_centroids(path: Path, centroids: torch.Tensor, expert_names: list[str], examples: int) -> None:
-    save_file(
-        {"centroids": centroids.float().contiguous()},
-        str(path),
-        metadata={"experts": ",".join(expert_names), "examples_per_expert": str(examples)},
-    )
-
-
-def load_hidden_centroids(path: Path, expert_names: list[str]) -> torch.Tensor:
-    if not path.is_file():
-        raise LoramixError(
-            f"Hidden-state routing needs {path.name} in the bundle; "
-            f"build it with `loramix router hidden {path.parent}`."
-        )
-    try:
-        centroids = load_file(str(path))["centroids"].float()
-    except (SafetensorError, OSError, KeyError) as exc:
-        raise LoramixError(f"{path} is corrupt; rebuild it with `loramix router hidden`.") from exc
-    if centroids.dim() != 3 or centroids.shape[1] != len(expert_names):
-        raise LoramixError(
-            f"{path} holds centroids of shape {tuple(centroids.shape)}, not [layers, {len(expert_names)}, hidden]; "
-            "rebuild it with `loramix router hidden`."
-        )
-    return centroids
 
 
 class HiddenRouter:

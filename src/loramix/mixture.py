@@ -5,7 +5,8 @@ With expert i having A_i [r_i, in], B_i [out, r_i], scaling s_i and routing weig
 
 - exact  : delta(x) = sum_i w_i s_i B_i A_i x                  (PEFT combination_type="cat")
 - linear : (sum_j c_j B_j)(sum_i c_i A_i) x, c_i = sqrt(w_i s_i)  (PEFT >= 0.7 combination_type="linear")
-- paper  : (sum_j B_j)(sum_i w_i s_i A_i) x                      (PEFT 0.4.0, what the reference code ran)
+- peft04 : (sum_j B_j)(sum_i w_i s_i A_i) x                      (PEFT 0.4.0, what the reference code ran;
+           first spelled `paper`, which still works)
 
 All three are two small matmuls per token: `exact` multiplies by the stacked matrices with a per-row scale in
 between; the merged modes build each row's A' and B' once per routing step (einsum over the stacks) and then
@@ -22,6 +23,13 @@ from loramix.errors import LoramixError
 
 MERGE_MODES = ("exact", "linear", "paper")
 DEFAULT_MERGE = "exact"
+# "peft04" is PEFT 0.4.0's weighted merge, the one the reference code ran; "paper" is its first spelling, kept so
+# every stored result keeps its name and key
+MERGE_ALIASES = {"peft04": "paper"}
+
+
+def canonical_merge(mode: str) -> str:
+    return MERGE_ALIASES.get(mode, mode)
 
 
 class MixtureState:
@@ -44,6 +52,7 @@ class MixtureState:
 
     def check_mode(self, mode: str) -> None:
         """Refuse a merge mode these experts cannot be mixed in."""
+        mode = canonical_merge(mode)
         if mode not in MERGE_MODES:
             raise LoramixError(f"Unknown merge mode '{mode}'; choose one of {', '.join(MERGE_MODES)}.")
         if mode != "exact" and len(set(self.ranks)) > 1:
@@ -53,6 +62,7 @@ class MixtureState:
             )
 
     def set_mode(self, mode: str) -> None:
+        mode = canonical_merge(mode)
         self.check_mode(mode)
         self.mode = mode
         self.version += 1

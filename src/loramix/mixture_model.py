@@ -17,9 +17,10 @@ import torch
 
 from loramix.adapters import ExpertAdapter, check_same_base
 from loramix.bundle import Bundle, resolve_bundle
+from loramix.centroids import load_centroids
 from loramix.errors import LoramixError
 from loramix.hardware import describe, resolve_device, resolve_dtype
-from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter, load_hidden_centroids
+from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter
 from loramix.mixture import MixtureState, attach_experts
 from loramix.models import base_model_signature, load_base_model
 from loramix.router import CentroidRouter, Embedder
@@ -105,7 +106,7 @@ class RoutedModel:
         mixture.bundle = bundle
         hidden = bundle.root / HIDDEN_ROUTER_FILE
         if hidden.is_file():
-            mixture.hidden_router = HiddenRouter(load_hidden_centroids(hidden, bundle.expert_names))
+            mixture.hidden_router = HiddenRouter(load_centroids(hidden, len(bundle.expert_names), rank=3))
         return mixture
 
     @property

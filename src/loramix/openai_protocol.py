@@ -16,12 +16,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loramix.errors import LoramixError, OptionError
-from loramix.mixture import MERGE_MODES
+from loramix.mixture import MERGE_ALIASES, MERGE_MODES
 from loramix.sequences import DECODE_MODES, MAX_LOGPROBS, GenerationOptions
 
 MODEL = "loramix"
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_CHOICES = 16
+MERGE_NAMES = MERGE_MODES + tuple(MERGE_ALIASES)
 # GenerationOptions fields the API calls otherwise
 REQUEST_FIELD = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
@@ -88,7 +89,9 @@ class _Request(BaseModel):
     # loramix's own fields
     every_k: int | None = Field(default=None, ge=1, description="Re-route every k generated tokens.")
     route: str | None = Field(default=None, description="Routing rule, e.g. hidden, paper, top1, prompt:top1.")
-    merge: Literal[MERGE_MODES] | None = Field(default=None, description="How the experts' deltas combine.")
+    merge: Literal[MERGE_NAMES] | None = Field(
+        default=None, description="How the experts' deltas combine: exact, linear or peft04."
+    )
     decode: Literal[DECODE_MODES] | None = Field(default=None, description="cached, or recompute after re-routes.")
     return_routing: bool = Field(default=False, description="Return each token's expert weights.")
     min_tokens: int = Field(default=0, ge=0, description="End-of-sequence is suppressed before this many tokens.")

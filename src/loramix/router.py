@@ -8,14 +8,13 @@ change its embedding, so a routing step whose truncated input is unchanged reuse
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from loramix.errors import LoramixError, OptionError
 from loramix.models import DEFAULT_EMBEDDER, resolve_embedder
@@ -24,6 +23,14 @@ PAPER_TEMPERATURE = 4.0
 SOFTMAX_TEMPERATURE = 0.1
 EMBEDDER_DTYPES = ("auto", "fp32", "bf16")
 RULE_TEMPERATURES = (1e-4, 1e4)  # similarities in [-1, 1] divided (or the top one multiplied) stay finite
+# "boost" is the paper's rule (the largest similarity boosted by T, then softmax); "paper" is its first spelling,
+# kept so every stored result keeps its name and key
+RULE_ALIASES = {"boost": "paper"}
+
+
+def canonical_route(spec: str) -> str:
+    """A route spec with every rule alias in its first spelling (what results are named and keyed by)."""
+    return re.sub(r"(^|[:/])boost(?=$|:)", r"\1paper", spec)
 
 
 def bf16_routing_pays(device: str | torch.device) -> bool:
@@ -121,29 +128,6 @@ def build_centroids(
     return torch.stack(rows)
 
 
-def save_centroids(path: Path, centroids: torch.Tensor, expert_names: list[str], embedder: str) -> None:
-    save_file(
-        {"centroids": centroids.float().contiguous()},
-        str(path),
-        metadata={"experts": ",".join(expert_names), "embedder": embedder},
-    )
-
-
-def load_centroids(path: Path, n_experts: int) -> torch.Tensor:
-    if not path.is_file():
-        raise LoramixError(f"Router file {path} is missing; build it with `loramix router build`.")
-    try:
-        centroids = load_file(str(path))["centroids"].float()
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise LoramixError(f"Router file {path} is corrupt or has no 'centroids' tensor; rebuild it.") from exc
-    if centroids.dim() != 2 or centroids.shape[0] != n_experts:
-        raise LoramixError(
-            f"Router file {path} has centroids of shape {tuple(centroids.shape)} but the bundle lists "
-            f"{n_experts} experts; rebuild it with `loramix router build`."
-        )
-    return centroids
-
-
 # ---- routing rules: similarities [b, n] -> weights [b, n], rows summing to 1 ----
 
 
@@ -213,13 +197,15 @@ DEFAULT_ROUTE = "hidden"
 DEFAULT_EVERY_K = 1
 
 ROUTE_HELP = (
-    f"hidden (the default: {HIDDEN_POLICY}), hidden:L/RULE, paper[:T], softmax[:T], top1, topk:K[:T], "
+    f"hidden (the default: {HIDDEN_POLICY}), hidden:L/RULE, boost[:T] (the paper's rule; also 'paper'), softmax[:T], "
+    "top1, topk:K[:T], "
     "window:W[+P]/RULE, prompt[:RULE], base, uniform, oracle:NAME, fixed:w1,w2,..."
 )
 
 
 def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     name, _, arg = spec.partition(":")
+    name = RULE_ALIASES.get(name, name)
     if name == "top1" and not arg:
         return top1_weights
     if name == "topk":
@@ -315,7 +301,7 @@ def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
         return RoutePolicy(spec, "dynamic", rule=rule)
     name, _, arg = spec.partition(":")
     if name == "prompt":
-        rule = _parse_rule(arg or "paper")
+        rule = _parse_rule(arg or "boost")
         if rule is None:
             raise LoramixError(
                 f"Route '{spec}': '{arg}' is not a routing rule (paper[:T], softmax[:T], top1, topk:K[:T])."

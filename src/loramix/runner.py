@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loramix.errors import LoramixError
+from loramix.hidden_router import masked_sum
 from loramix.scheduler import ROUTING, PrefillJob, Work
 from loramix.sequences import SequenceState
 
@@ -149,10 +150,9 @@ class ModelRunner:
         if work.chunk is None:
             ids, mask, positions = self._tensors([job.text for job in work.jobs])
             states = self.mx.base_hidden_states(ids, mask, positions, layers)
-            weights = mask.to(torch.float32).unsqueeze(-1)
+            sums = {layer: masked_sum(state.float(), mask).cpu() for layer, state in states.items()}
             for row, job in enumerate(work.jobs):
-                layer = job.seq.policy.hidden_layer
-                job.seq.hidden_sum = (states[layer][row].float() * weights[row]).sum(dim=0).cpu()
+                job.seq.hidden_sum = sums[job.seq.policy.hidden_layer][row]
                 job.seq.hidden_count = len(job.text)
             done = work.jobs
         else:

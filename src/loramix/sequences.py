@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from loramix.errors import LoramixError, OptionError
-from loramix.mixture import MERGE_MODES
+from loramix.mixture import MERGE_MODES, canonical_merge
 from loramix.options import option
 from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP, RouteMemory, RoutePolicy, parse_route
 
@@ -34,7 +34,7 @@ class GenerationOptions:
     top_p: float = option(1.0, "Nucleus sampling mass.")
     seed: int | None = option(None, "Sampling seed.")
     stop: tuple[str, ...] = option((), "Stop string, repeatable.")
-    merge: str | None = option(None, "exact, linear (PEFT >= 0.7) or paper (PEFT 0.4.0); default: the model's.")
+    merge: str | None = option(None, "exact, linear (PEFT >= 0.7) or peft04 (PEFT 0.4.0); default: the model's.")
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: and the N likeliest alternatives
     # token ids whose log-probability as the FIRST generated token is reported (e.g. option letters)
     first_token_candidates: tuple[int, ...] = ()
@@ -57,7 +57,7 @@ class GenerationOptions:
         if self.decode not in DECODE_MODES:
             raise OptionError("decode", sentence=f"Unknown decode mode '{self.decode}'; choose one of "
                               f"{', '.join(DECODE_MODES)}.")  # fmt: skip
-        if self.merge is not None and self.merge not in MERGE_MODES:
+        if self.merge is not None and canonical_merge(self.merge) not in MERGE_MODES:
             raise OptionError("merge", sentence=f"Unknown merge mode '{self.merge}'; choose one of "
                               f"{', '.join(MERGE_MODES)}.")  # fmt: skip
         if self.max_new_tokens <= 0:
@@ -287,7 +287,7 @@ def new_sequence(mixture, prompt: str | list[int], options: GenerationOptions, i
         if mixture.hidden_router is None:
             raise OptionError("route", sentence=(
                 f"Route '{options.route}' needs the bundle's hidden-state centroids (router_hidden.safetensors); "
-                "build them with `loramix router hidden BUNDLE`, or choose a text route such as --route paper."
+                "build them with `loramix router hidden BUNDLE`, or choose a text route such as --route boost."
             ))  # fmt: skip
         layers = mixture.hidden_router.n_layers
         if not -layers <= policy.hidden_layer <= layers:
@@ -295,6 +295,7 @@ def new_sequence(mixture, prompt: str | list[int], options: GenerationOptions, i
         if policy.hidden_layer < 0:  # counted back from the last layer
             policy = replace(policy, hidden_layer=layers + 1 + policy.hidden_layer)
     if options.merge is not None:
+        options = replace(options, merge=canonical_merge(options.merge))  # one lane per merge mode, not per name
         try:
             mixture.state.check_mode(options.merge)
         except LoramixError as exc:

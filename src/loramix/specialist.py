@@ -180,11 +180,12 @@ def run_answer_losses(plan, progress: bool = True) -> ItemStore:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from loramix.evaluation import EvalConfig, _Engines, item_key, parse_configs, resolve_embedder_dtype
+    from loramix.eval_configs import EvalConfig, item_key, parse_configs
+    from loramix.evaluation import _Engines, resolve_embedder_dtype
     from loramix.sequences import GenerationOptions
 
     bundle = Bundle.load(resolve_bundle(plan.bundle))
-    defaults = EvalConfig(kind="tla", decode=plan.decode, merge=plan.merge, route=plan.route)
+    defaults = EvalConfig.defaults(plan.decode, plan.merge, plan.route)
     configs = [c for c in parse_configs(plan.configs, bundle, defaults) if c.kind != "oracle"]  # = its expert
     routing_dtype = resolve_embedder_dtype(plan.embedder_dtype)
     fingerprint = BundleFingerprint.of(bundle, routing_dtype)

@@ -1,11 +1,17 @@
 """ARC-Challenge science multiple choice: `Question: {stem}\nChoices: {A. text\nB. text ...}\n\nAnswer: {letter}`.
 
 Some items label their options 1-4 instead of A-D; labels are normalised to letters everywhere.
+
+Scored by the option letter generated after `Answer:` (`accuracy`), read only where it stands alone ("C", "C.",
+"(c)", "C) text", "The answer is C"), never the article of "A brick wall"; the log-likelihood choice among the
+item's labels is scored in evaluation, where the model's probabilities are at hand (`choose_by_loglik`).
 """
 
 from __future__ import annotations
 
-from loramix.metrics import score_arc
+import re
+from collections.abc import Sequence
+
 from loramix.tasks.base import DataSource, Example, HubData, Task, read_jsonl, require_file
 
 SPLIT_FILES = {
@@ -60,6 +66,30 @@ def load(source: DataSource, split: str) -> list[Example]:
             )
         )
     return examples
+
+
+# "(c)", or a capital letter followed by nothing, by punctuation or by a line break, not by a word
+_LETTER = re.compile(r"^\s*(?:\(([A-Ea-e])\)|([A-E])(?:$|[\.\):,\n]|\s+$))")
+_STATED_LETTER = re.compile(r"answer is:?\s*\(?([A-E])\b", re.IGNORECASE)
+
+
+def arc_letter(prediction: str) -> str | None:
+    """The option letter a generation gives: 'C', ' C.', '(c)', 'C) text', 'The answer is C' -> 'C'."""
+    match = _LETTER.match(prediction)
+    if match:
+        return (match.group(1) or match.group(2)).upper()
+    stated = _STATED_LETTER.search(prediction)
+    return stated.group(1).upper() if stated else None
+
+
+def score_arc(prediction: str, example: Example) -> dict[str, float]:
+    return {"accuracy": float(arc_letter(prediction) == example.references[0])}
+
+
+def choose_by_loglik(logprobs: Sequence[float], labels: Sequence[str], candidates: Sequence[str]) -> str:
+    """The label with the highest log-probability among the item's own labels."""
+    allowed = [(logprobs[candidates.index(label)], label) for label in labels if label in candidates]
+    return max(allowed)[1]
 
 
 TASK = Task(

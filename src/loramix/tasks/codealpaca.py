@@ -3,6 +3,9 @@
 The 20k set is not available offline; the 2k file from the same repository stands in. From the Hub
 (`--data-dir hub`) the 20k set is used, its items named codealpaca20k/N so the two never mix. Either is split
 90/10: indices shuffled with random.Random(0), the first 90% train, the rest test.
+
+Scored by ROUGE-L F1 (rouge-score), chrF and sentence BLEU (sacrebleu), each scaled to [0, 1]: surface-overlap
+metrics, since the data has no tests, so no execution-based metric is possible.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import random
 
 from loramix.errors import LoramixError
-from loramix.metrics import score_codealpaca
 from loramix.tasks.base import DataSource, Example, HubData, Task, require_file
 
 SPLIT_SEED = 0
@@ -53,6 +55,30 @@ def load(source: DataSource, split: str) -> list[Example]:
         )
         for index in split_indices(len(rows), split)
     ]
+
+
+_ROUGE = None
+
+
+def _rouge_scorer():
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return _ROUGE
+
+
+def score_codealpaca(prediction: str, example: Example) -> dict[str, float]:
+    from sacrebleu.metrics import BLEU, CHRF
+
+    reference = example.references[0]
+    scores = {
+        "rougeL": _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure,
+        "chrf": CHRF().sentence_score(prediction, [reference]).score / 100.0,
+        "bleu": BLEU(effective_order=True).sentence_score(prediction, [reference]).score / 100.0,
+    }
+    return {name: min(1.0, float(value)) for name, value in scores.items()}  # sacrebleu can round past 100
 
 
 TASK = Task(
