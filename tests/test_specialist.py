@@ -48,7 +48,8 @@ def test_padded_batch_losses_equal_peft_one_at_a_time(tiny_mixture, tiny_base, t
 
 def test_run_resumes_and_the_report_shows_the_matrix(tiny_bundle, tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "specialist"
-    plan = SpecialistPlan(tiny_bundle, TASK_NAMES, out, limit=2, batch_size=2, data=tiny_data)
+    plan = SpecialistPlan(bundle=tiny_bundle, tasks=TASK_NAMES, out=out, limit=2, batch_size=2, data=tiny_data,
+                          device="cpu", dtype="fp32")  # fmt: skip
     store = run_specialist(plan, progress=False)
     assert len(store.records) == 4 * 3 * 2  # models (base + 3 experts) x tasks x items
     record = json.loads((out / "answer_loss.jsonl").read_text().splitlines()[0])

@@ -261,3 +261,15 @@ def describe_experts(root: str | Path) -> list[dict]:
             "path": entry.path,
         })  # fmt: skip
     return rows
+
+
+def name_value_pairs(values: list[str], flag: str, what: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, sep, target = value.partition("=")
+        if not sep or not name or not target:
+            raise LoramixError(f"{flag} takes NAME={what}, got '{value}'.")
+        if name in pairs:
+            raise LoramixError(f"{flag} names '{name}' twice.")
+        pairs[name] = target
+    return pairs

@@ -11,7 +11,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from loramix import __version__
+from loramix.bench.harness import BenchOptions
+from loramix.bundle_build import name_value_pairs
+from loramix.display import loss_table, rescore_table, results_table
 from loramix.errors import LoramixError
 from loramix.evaluation import EvalPlan
 from loramix.hardware import Placement
@@ -22,7 +24,8 @@ from loramix.ray_serve import RaySettings
 from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP
 from loramix.sequences import GenerationOptions
 from loramix.server import ServeSettings
-from loramix.tasks import parse_tasks
+from loramix.specialist import SpecialistPlan
+from loramix.system import quiet_libraries
 from loramix.training import TrainConfig
 
 app = typer.Typer(
@@ -56,22 +59,9 @@ BundleDir = Annotated[
 ]
 
 
-def _quiet_libraries() -> None:
-    """Keep third-party progress bars and advice out of the user's terminal."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 @app.callback()
 def _every_command() -> None:
-    _quiet_libraries()  # before any command, also when the app is invoked in-process (tests, notebooks)
+    quiet_libraries()  # before any command, also when the app is invoked in-process (tests, notebooks)
 
 
 def _train_config(values: dict) -> TrainConfig:
@@ -95,18 +85,6 @@ def train(
         f"[green]expert '{task}' saved to {out}[/]: {metadata['examples']} examples, {metadata['steps']} steps, "
         f"loss {metadata['train_loss']}, {metadata['train_seconds']}s"
     )
-
-
-def _name_value_pairs(values: list[str], flag: str, what: str) -> dict[str, str]:
-    pairs: dict[str, str] = {}
-    for value in values:
-        name, sep, target = value.partition("=")
-        if not sep or not name or not target:
-            raise LoramixError(f"{flag} takes NAME={what}, got '{value}'.")
-        if name in pairs:
-            raise LoramixError(f"{flag} names '{name}' twice.")
-        pairs[name] = target
-    return pairs
 
 
 Experts = Annotated[
@@ -139,10 +117,10 @@ def router_build(
     """Build both routers (text centroids and hidden-state centroids) from each expert's texts; write bundle.json."""
     from loramix.bundle_build import build_bundle
 
-    experts = _name_value_pairs(expert, "--expert", "DIR") or None
+    experts = name_value_pairs(expert, "--expert", "DIR") or None
     result = build_bundle(
         bundle, experts, base_model=base, embedder=embedder, data=data_dir, max_examples=max_examples,
-        progress=True, texts=_name_value_pairs(texts, "--texts", "SOURCE"), placement=placement,
+        progress=True, texts=name_value_pairs(texts, "--texts", "SOURCE"), placement=placement,
     )  # fmt: skip
     counts = ", ".join(f"{k}: {v}" for k, v in result.info["router_examples"].items())
     console.print(f"[green]bundle written to {bundle}[/] (experts {', '.join(result.expert_names)}; texts {counts})")
@@ -175,22 +153,16 @@ def bundle_list(
     bundle: BundleArg, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False
 ) -> None:
     """The bundle's experts: their router texts, rank, alpha, scaling and adapted modules."""
-    from rich.table import Table
-
     from loramix.bundle import Bundle
     from loramix.bundle_build import describe_experts
+    from loramix.display import bundle_table
 
     rows = describe_experts(bundle)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     loaded = Bundle.load(bundle)
-    table = Table(title=f"{bundle}: base {loaded.base_model}, embedder {Path(loaded.embedder).name}")
-    for column in rows[0]:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    console.print(bundle_table(f"{bundle}: base {loaded.base_model}, embedder {Path(loaded.embedder).name}", rows))
 
 
 @bundle_app.command("add")
@@ -208,7 +180,7 @@ def bundle_add(
     """Add one expert; only its own router rows are built, the others' are kept."""
     from loramix.bundle_build import add_expert
 
-    ((name, adapter),) = _name_value_pairs([expert], "--expert", "DIR").items()
+    ((name, adapter),) = name_value_pairs([expert], "--expert", "DIR").items()
     result = add_expert(bundle, name, adapter, texts, data_dir, max_examples, placement)
     console.print(f"[green]added '{name}' to {bundle}[/] (experts {', '.join(result.expert_names)})")
 
@@ -237,35 +209,20 @@ def generate(
     placement: Placement = None,
 ) -> None:
     """Generate with token-level routing."""
-    from loramix.display import legend, timing_line, token_piece, trace, weights_summary
+    from loramix.display import show_results, show_stream
     from loramix.generation import MixtureModel
 
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
     options.validate()
     device, dtype = placement.resolve()
     mixture = MixtureModel.from_bundle(bundle, embedder_dtype=embedder_dtype, device=device, dtype=dtype)
-    names = mixture.expert_names
-    if as_json or len(prompts) > 1:
-        results = mixture.generate(prompts, options)
-        for result in results:
-            if as_json:
-                print(json.dumps(result.to_json(names), ensure_ascii=False))
-            else:
-                console.rule()
-                console.print(trace(result, mixture.tokenizer) if show_trace else result.text, highlight=False)
-                if show_trace:
-                    console.print(weights_summary(result, names))
-        return
-    if show_trace:
-        console.print(legend(names))
-    stream = mixture.stream(prompts[0], options)
-    for event in stream:  # print tokens as they arrive
-        console.print(token_piece(event.text, event.weights) if show_trace else event.text, end="", highlight=False)
-    console.print()
-    if show_trace:
-        result = stream.results()[0]
-        console.print(weights_summary(result, names))
-        console.print(f"[dim]{timing_line(result)}[/]")
+    if as_json:
+        for result in mixture.generate(prompts, options):
+            print(json.dumps(result.to_json(mixture.expert_names), ensure_ascii=False))
+    elif len(prompts) > 1:
+        show_results(console, mixture.generate(prompts, options), mixture, show_trace)
+    else:  # one prompt: its tokens as they arrive
+        show_stream(console, mixture.stream(prompts[0], options), mixture.expert_names, show_trace)
 
 
 @app.command("eval")
@@ -280,11 +237,11 @@ def evaluate(
     """The paper's comparison with bootstrap CIs (and gold-answer loss with --loss); re-running resumes."""
     from loramix.evaluation import distributed_rank, run_evaluation
     from loramix.evaluation import rescore as rescore_stored
-    from loramix.report import write_report
+    from loramix.report import report_meta, write_report
     from loramix.specialist import run_answer_losses
 
     if rescore:
-        _print_rescore(rescore_stored(plan.out, plan.data, plan.split))
+        console.print(rescore_table(rescore_stored(plan.out, plan.data, plan.split)))
         report_only = True
     plan.task_names()  # refuse unknown tasks before anything runs
     rank, world = distributed_rank()
@@ -301,148 +258,55 @@ def evaluate(
             PartialState().wait_for_everyone()
     if rank != 0:
         return
-    results = write_report(plan.out, _report_meta(plan.bundle, plan.split))
+    results = write_report(plan.out, report_meta(plan.bundle, plan.split))
     if not results:
         raise LoramixError(f"No scored items in {plan.out} yet.")
     if results.get("table"):
-        _print_results(results)
+        table, claims = results_table(results)
+        console.print(table)
+        for claim in claims:
+            console.print(claim)
     if results.get("answer_loss"):
-        _print_loss(results["answer_loss"])
+        console.print(loss_table(results["answer_loss"]))
     console.print(f"[green]report written to {plan.out / 'results.md'}[/]")
 
 
-def _print_rescore(changes: list[dict]) -> None:
-    from rich.table import Table
-
-    table = Table(title="re-scored from the stored predictions (primary metric x100)", title_justify="left")
-    for column in ("config", "task", "items", "changed", "before", "after"):
-        table.add_column(column, justify="left" if column in ("config", "task") else "right")
-    for c in changes:
-        table.add_row(c["config"], c["task"], str(c["n"]), str(c["changed"]), f"{100 * c['old_mean']:.2f}",
-                      f"{100 * c['new_mean']:.2f}")  # fmt: skip
-    console.print(table)
-
-
-def _report_meta(bundle: Path | None, split: str) -> dict:
-    from loramix.bundle import Bundle, resolve_bundle
-    from loramix.eval_configs import oracle_experts
-    from loramix.paths import shown_path
-
-    used = Bundle.load(resolve_bundle(bundle))
-    return {
-        "bundle": shown_path(used.root), "base_model": used.base_model, "experts": used.expert_names, "split": split,
-        "command": "loramix " + " ".join(sys.argv[1:]),
-        "oracle_experts": oracle_experts(used),
-    }  # fmt: skip
-
-
 @app.command()
-@takes_options(Placement, name="placement")
-def specialist(
-    out: Annotated[Path, typer.Option("--out", help="Folder for answer_loss.jsonl (and the report, results.md).")],
-    bundle: BundleDir = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = "gsm8k,arc,squad,codealpaca",
-    limit: Annotated[int | None, typer.Option(help="First N test items per task (default: all).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Items scored together.")] = 8,
-    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
-    data_dir: DataDir = None,
-    placement: Placement = None,
-) -> None:
+@takes_options(SpecialistPlan, name="plan")
+def specialist(plan: SpecialistPlan = None) -> None:
     """Gold-answer loss of the base model and of each expert alone on every task (the specialist matrix by
     teacher forcing); resumable, and added to the eval report in the same folder."""
+    from loramix.report import report_meta, write_report
+    from loramix.specialist import run_specialist
 
-    from loramix.report import write_report
-    from loramix.specialist import SpecialistPlan, run_specialist
-
-    task_list = parse_tasks(tasks)
-    plan = SpecialistPlan(bundle, task_list, out, limit, batch_size, split, data_dir, placement)
     store = run_specialist(plan)
     if store.dropped:
         err_console.print(f"[yellow]{store.dropped} unreadable line(s) were dropped and redone.[/]")
-    results = write_report(out, _report_meta(bundle, split))
-    _print_loss(results["answer_loss"])
-    console.print(f"[green]report written to {out / 'results.md'}[/]")
-
-
-def _print_loss(matrix: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title="gold-answer loss, nats/token (lower is better)", title_justify="left")
-    table.add_column("model")
-    for task in matrix["tasks"]:
-        table.add_column(f"{task} (n={matrix['tasks'][task]['n']})", justify="right")
-    for model in matrix["models"]:
-        cells = [matrix["tasks"][t]["loss"].get(model) for t in matrix["tasks"]]
-        table.add_row(model, *(f"{c['mean']:.3f}" if c else "" for c in cells))
-    console.print(table)
-
-
-def _print_results(results: dict) -> None:
-    from rich.table import Table
-
-    from loramix.tasks import ALL_TASKS as TASKS
-
-    tasks = [t for t in TASKS if any(t in row for row in results["table"].values())]
-    table = Table(title="primary metric x100 [95% CI]", title_justify="left")
-    table.add_column("config")
-    for task in tasks:
-        table.add_column(f"{task} ({TASKS[task].primary_metric})", justify="right")
-    table.add_column("average", justify="right")
-    for config, row in results["table"].items():
-        cells = []
-        for key in [*tasks, "average"]:
-            cell = row.get(key)
-            if cell is not None and key != "average":
-                cell = cell["metrics"][TASKS[key].primary_metric]
-            cells.append(
-                f"{100 * cell['mean']:.1f} [{100 * cell['ci'][0]:.1f}, {100 * cell['ci'][1]:.1f}]" if cell else ""
-            )
-        table.add_row(config, *cells)
-    console.print(table)
-    for claim in results["claims"]:
-        console.print(f"claim {claim['claim']}: {claim['text']} [bold]{claim['verdict']}[/]")
+    results = write_report(plan.out, report_meta(plan.bundle, plan.split))
+    console.print(loss_table(results["answer_loss"]))
+    console.print(f"[green]report written to {plan.out / 'results.md'}[/]")
 
 
 @app.command()
-@takes_options(Placement, name="placement")
-def bench(
-    out: Annotated[Path, typer.Option("--out", help="Folder for bench.json, bench.md and the plot.")] = Path(
-        "runs/bench"
-    ),
-    bundle: BundleDir = None,
-    quick: Annotated[bool, typer.Option(help="A smoke check in under two minutes (32 tokens, batch 1 and 4).")] = False,
-    tokens: Annotated[str | None, typer.Option(help="New-token counts, e.g. 32,128,256.")] = None,
-    batches: Annotated[str | None, typer.Option(help="Batch sizes, e.g. 1,8,16.")] = None,
-    repeats: Annotated[int | None, typer.Option(help="Timed repeats per cell (median reported).")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Also write the report here (e.g. BENCHMARKS.md).")] = None,
-    merge_grid: Annotated[
-        bool | None, typer.Option(help="Also time every decode x k x merge mode at batch 1 (default: full runs).")
-    ] = None,
-    data_dir: DataDir = None,
-    placement: Placement = None,
-) -> None:
+@takes_options(BenchOptions)
+def bench(options: BenchOptions = None) -> None:
     """Speed against the reference loop, PEFT alternatives and plain decoding."""
     from loramix.bench import keep_other_machines, run_benchmark, write_report_files
 
-    def numbers(text: str | None) -> tuple[int, ...] | None:
-        try:
-            return tuple(int(x) for x in text.split(",")) if text else None
-        except ValueError:
-            raise LoramixError(f"Expected comma-separated whole numbers, got '{text}'.") from None
-
+    o = options
     report = run_benchmark(
-        out, quick=quick, bundle=bundle, data=data_dir, tokens=numbers(tokens), batches=numbers(batches),
-        repeats=repeats, with_merge_grid=merge_grid, progress=lambda line: console.print(line, highlight=False),
-        placement=placement,
+        o.out, quick=o.quick, bundle=o.bundle, data=o.data, tokens=o.tokens or None, batches=o.batches or None,
+        repeats=o.repeats, with_merge_grid=o.merge_grid, progress=lambda line: console.print(line, highlight=False),
+        placement=o,
     )  # fmt: skip
-    text, plot = write_report_files(report, out, "loramix " + " ".join(sys.argv[1:]))
-    if markdown is not None:
+    text, plot = write_report_files(report, o.out, "loramix " + " ".join(sys.argv[1:]))
+    if o.markdown is not None:
         if plot:
             import shutil
 
-            shutil.copy(out / plot, markdown.parent / plot)
-        markdown.write_text(keep_other_machines(markdown, text), encoding="utf-8")
-    console.print(f"[green]benchmark written to {out / 'bench.md'}[/]")
+            shutil.copy(o.out / plot, o.markdown.parent / plot)
+        o.markdown.write_text(keep_other_machines(o.markdown, text), encoding="utf-8")
+    console.print(f"[green]benchmark written to {o.out / 'bench.md'}[/]")
 
 
 @app.command()
@@ -486,7 +350,7 @@ def serve(
 def loadtest(options: LoadtestOptions = None) -> None:
     """Concurrent streaming clients against a running server (loopback only): tokens/s, TTFT, inter-token latency;
     or a long prompt arriving beside running streams; or every client asking for its own mixture."""
-    from loramix.loadtest import TABLE_HEADER, expert_count, run_loadtest, run_long_prompt
+    from loramix.loadtest import TABLE_HEADER, expert_count, long_prompt_line, run_loadtest, run_long_prompt
 
     levels = options.levels()
     if options.scenario == "long-prompt":
@@ -494,13 +358,7 @@ def loadtest(options: LoadtestOptions = None) -> None:
             options.url, levels[0], options.max_tokens, options.long_tokens, api_key=options.api_key,
             model=options.model, extra=options.extra(),
         )  # fmt: skip
-        console.print(
-            f"{levels[0]} stream(s): longest gap after the long prompt arrived "
-            f"{report['longest_gap_after_arrival']:.2f} s (median gap {report['median_gap']:.3f} s); the long "
-            f"prompt's first token after {report['long_ttft'] or float('nan'):.1f} s"
-            + (f" [error: {report['long_error']}]" if report["long_error"] else ""),
-            highlight=False,
-        )
+        console.print(long_prompt_line(report), highlight=False)
     else:
         mixtures = None
         if options.scenario == "mixtures":
@@ -535,33 +393,10 @@ def demo(
 
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Versions and where things are: cache, default bundle, base model, embedder, data."""
-    from loramix.bundle import default_bundle_path
-    from loramix.models import BASE_MODEL_ALIASES, resolve_embedder
-    from loramix.paths import data_dir, loramix_home
-    from loramix.system import package_versions
+    """Versions and where things are: cache, default bundle, base model, embedder, data, auto device and dtype."""
+    from loramix.system import installation_report
 
-    def attempt(function):
-        try:
-            return str(function())
-        except LoramixError as exc:
-            return f"unavailable: {exc}"
-
-    cached_base = loramix_home() / "models" / DEFAULT_BASE_MODEL
-    report = {
-        "version": __version__,
-        "cache_dir": str(loramix_home()),
-        "default_bundle": str(default_bundle_path()) if default_bundle_path() else None,
-        "base_model": DEFAULT_BASE_MODEL,
-        "base_model_path": str(cached_base),
-        "base_model_converted": (cached_base / "config.json").is_file(),
-        "base_model_source": BASE_MODEL_ALIASES[DEFAULT_BASE_MODEL].filename,
-        "embedder": DEFAULT_EMBEDDER,
-        "embedder_path": attempt(lambda: resolve_embedder(DEFAULT_EMBEDDER)),
-        "data_dir": attempt(data_dir),
-        "auto_placement": _auto_placement(),
-        "versions": package_versions(),
-    }
+    report = installation_report()
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -569,20 +404,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         console.print(f"[bold]{key:>22}[/]  {value}", highlight=False)
 
 
-def _auto_placement() -> str:
-    """What --device auto --dtype auto chooses here, and why (on a CPU: the bf16 probe's times)."""
-    from loramix.hardware import DTYPE_NAMES, cpu_bf16_verdict
-
-    device, dtype = Placement().resolve()
-    why = ""
-    if device.type == "cpu":
-        probe = cpu_bf16_verdict()
-        why = f" (probe of a decode-sized step on this CPU: fp32 {probe['fp32_ms']} ms, bf16 {probe['bf16_ms']} ms)"
-    return f"{device} {DTYPE_NAMES[dtype]}{why}"
-
-
 def main() -> None:
-    _quiet_libraries()
+    quiet_libraries()
     try:
         app()
     except LoramixError as exc:

@@ -337,6 +337,17 @@ def run_long_prompt(
     )
 
 
+def long_prompt_line(report: dict) -> str:
+    """The long-prompt scenario in one line."""
+    ttft = report["long_ttft"] if report["long_ttft"] is not None else float("nan")
+    line = (
+        f"{report['clients']} stream(s): longest gap after the long prompt arrived "
+        f"{report['longest_gap_after_arrival']:.2f} s (median gap {report['median_gap']:.3f} s); the long prompt's "
+        f"first token after {ttft:.1f} s"
+    )
+    return line + (f" [error: {report['long_error']}]" if report["long_error"] else "")
+
+
 def format_row(row: dict) -> str:
     speedup = "" if row["speedup"] is None else f"{row['speedup']:.2f}x"
     return (

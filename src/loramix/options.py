@@ -25,12 +25,13 @@ def option(default, help: str, **more) -> dataclasses.Field:
 
 def _option_parameter(field: dataclasses.Field, kind: type) -> inspect.Parameter:
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    if typing.get_origin(kind) is tuple:  # a repeatable option
-        kind, default = list[typing.get_args(kind)[0]], list(default)
+    if typing.get_origin(kind) is tuple:  # a repeatable option (comma-separated values come as text, split later)
+        element = str if field.metadata.get("comma") else typing.get_args(kind)[0]
+        kind, default = list[element], [str(value) for value in default] if element is str else list(default)
     import typer  # only the command line needs it
 
     flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
-    if kind is bool:
+    if kind is bool or kind == bool | None:
         flag = f"{flag}/--no-{flag[2:]}"
     if field.metadata.get("required"):
         default = ...  # typer's mark of a required option
@@ -44,12 +45,21 @@ def option_fields(cls: type) -> list[dataclasses.Field]:
 
 def options_from_values(cls: type, values: dict, base: object | None = None) -> object:
     """An instance of `cls` from command-line values (lists back to tuples, comma-separated ones split)."""
+    from loramix.errors import OptionError
+
+    hints = typing.get_type_hints(cls)
     converted = {}
     for field in option_fields(cls):
         value = values[field.name]
         if isinstance(value, list):
             if field.metadata.get("comma"):
-                value = [part.strip() for item in value for part in item.split(",") if part.strip()]
+                element = typing.get_args(hints[field.name])[0]
+                parts = [part.strip() for item in value for part in item.split(",") if part.strip()]
+                try:
+                    value = [element(part) for part in parts]
+                except ValueError:
+                    raise OptionError(field.name, f"takes comma-separated {element.__name__} values, got "
+                                      f"{','.join(parts)!r}.") from None  # fmt: skip
             value = tuple(value)
         converted[field.name] = value
     return dataclasses.replace(base, **converted) if base is not None else cls(**converted)

@@ -21,9 +21,10 @@ from loramix.bundle import Bundle, BundleFingerprint, resolve_bundle
 from loramix.engine import left_pad, left_padded_positions
 from loramix.generation import MixtureModel
 from loramix.hardware import DTYPE_NAMES, Placement
+from loramix.options import option
 from loramix.paths import data_dir
 from loramix.store import ItemStore
-from loramix.tasks import Example, get_task
+from loramix.tasks import TASK_GROUPS, Example, get_task, parse_tasks
 
 LOSS_STEM = "answer_loss"
 LOSS_FIELDS = ("key", "model", "task", "id", "nll", "tokens")
@@ -31,15 +32,20 @@ MAX_ANSWER_TOKENS = 256  # longer gold answers (a few CodeAlpaca ones) are score
 
 
 @dataclass(frozen=True)
-class SpecialistPlan:
-    bundle: Path | None
-    tasks: tuple[str, ...]
-    out: Path
-    limit: int | None = None
-    batch_size: int = 8
-    split: str = "test"
-    data: Path | None = None
-    placement: Placement = Placement(device="cpu", dtype="fp32")  # the stored losses are fp32 on a CPU
+class SpecialistPlan(Placement):
+    """What `loramix specialist` runs; its flags come from here."""
+
+    out: Path = option(None, "Folder for answer_loss.jsonl (and the report, results.md).", required=True)
+    bundle: Path | None = option(None, "Bundle folder (default: the trained default bundle).")
+    tasks: tuple[str, ...] = option(TASK_GROUPS["trained"], "Comma-separated tasks or groups.", comma=True)
+    limit: int | None = option(None, "First N items per task (default: all).")
+    batch_size: int = option(8, "Items scored together.")
+    split: str = option("test", "Split to score.")
+    data: Path | None = option(None, "Task data folder (default: $LORAMIX_DATA, else ../shared/data).",
+                               flag="--data-dir")  # fmt: skip
+
+    def task_names(self) -> tuple[str, ...]:
+        return parse_tasks(",".join(self.tasks))
 
 
 def loss_store(out: Path) -> ItemStore:
@@ -126,16 +132,15 @@ def run_specialist(plan: SpecialistPlan, progress: bool = True) -> ItemStore:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bundle = Bundle.load(resolve_bundle(plan.bundle))
-    for task in plan.tasks:
-        get_task(task)
+    tasks = plan.task_names()
     fingerprint = BundleFingerprint.of(bundle)
     store = loss_store(plan.out).load()
     root = data_dir(plan.data)
     names = [e.name for e in bundle.experts]
     models = ["base", *names]
-    device, dtype = plan.placement.resolve()
+    device, dtype = plan.resolve()
     work = []
-    for task in plan.tasks:
+    for task in tasks:
         examples = get_task(task).load(root, plan.split)[: plan.limit]
         for model in models:
             key = loss_key(model, task, plan.split, fingerprint, DTYPE_NAMES[dtype])

@@ -42,3 +42,56 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None
+
+
+def installation_report() -> dict:
+    """What `loramix info` shows: versions, cache, default bundle, base model, embedder, data, and what
+    --device auto --dtype auto choose here (on a CPU, with the bf16 probe's times)."""
+    from loramix import __version__
+    from loramix.bundle import default_bundle_path
+    from loramix.errors import LoramixError
+    from loramix.hardware import DTYPE_NAMES, Placement, cpu_bf16_verdict
+    from loramix.models import BASE_MODEL_ALIASES, DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, resolve_embedder
+    from loramix.paths import data_dir, loramix_home
+
+    def attempt(function):
+        try:
+            return str(function())
+        except LoramixError as exc:
+            return f"unavailable: {exc}"
+
+    device, dtype = Placement().resolve()
+    auto = f"{device} {DTYPE_NAMES[dtype]}"
+    if device.type == "cpu":
+        probe = cpu_bf16_verdict()
+        auto += f" (a decode-sized step on this CPU: fp32 {probe['fp32_ms']} ms, bf16 {probe['bf16_ms']} ms)"
+    cached_base = loramix_home() / "models" / DEFAULT_BASE_MODEL
+    return {
+        "version": __version__,
+        "cache_dir": str(loramix_home()),
+        "default_bundle": str(default_bundle_path()) if default_bundle_path() else None,
+        "base_model": DEFAULT_BASE_MODEL,
+        "base_model_path": str(cached_base),
+        "base_model_converted": (cached_base / "config.json").is_file(),
+        "base_model_source": BASE_MODEL_ALIASES[DEFAULT_BASE_MODEL].filename,
+        "embedder": DEFAULT_EMBEDDER,
+        "embedder_path": attempt(lambda: resolve_embedder(DEFAULT_EMBEDDER)),
+        "data_dir": attempt(data_dir),
+        "auto_placement": auto,
+        "versions": package_versions(),
+    }
+
+
+def quiet_libraries() -> None:
+    """Keep third-party progress bars and advice out of the user's terminal."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)

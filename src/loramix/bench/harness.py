@@ -12,8 +12,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loramix.bench.methods import PER_SEQUENCE, SLOW_AT_BATCH, BenchContext, Run, merge_grid, method_table
+from loramix.hardware import Placement
+from loramix.options import option
 
 QUICK = {"tokens": (32,), "batches": (1, 4), "repeats": 1}
+
+
+@dataclass(frozen=True)
+class BenchOptions(Placement):
+    """What `loramix bench` can be told; its flags come from here."""
+
+    out: Path = option(Path("runs/bench"), "Folder for bench.json, bench.md and the plot.")
+    bundle: Path | None = option(None, "Bundle folder (default: the trained default bundle).")
+    quick: bool = option(False, "A smoke check in minutes (32 tokens, batch 1 and 4).")
+    tokens: tuple[int, ...] = option((), "New-token counts, e.g. 32,128,256 (default: 32,128,256).", comma=True)
+    batches: tuple[int, ...] = option((), "Batch sizes, e.g. 1,8,16 (default: 1,8,16).", comma=True)
+    repeats: int | None = option(None, "Timed repeats per cell, the median reported (default 3).")
+    markdown: Path | None = option(None, "Also write the report here (e.g. BENCHMARKS.md).")
+    merge_grid: bool | None = option(None, "Also time every decode x k x merge mode at batch 1 (default: full runs).")
+    data: Path | None = option(None, "Task data folder (the prompts).", flag="--data-dir")
+
+
 FULL = {"tokens": (32, 128, 256), "batches": (1, 8, 16), "repeats": 3}
 CELL_BUDGET_SECONDS = 60.0  # stop repeating a cell once its repeats have taken this long
 

@@ -79,3 +79,19 @@ def write_report(out: Path, meta: dict | None = None) -> dict:
     notes = notes_file.read_text(encoding="utf-8").strip() if notes_file.is_file() else ""
     (out / "results.md").write_text(render_markdown(scores, results, plots, notes), encoding="utf-8")
     return results
+
+
+def report_meta(bundle: Path | None, split: str) -> dict:
+    """What a report says of its run: the bundle, base model, experts, split, the command, each task's expert."""
+    import sys
+
+    from loramix.bundle import Bundle, resolve_bundle
+    from loramix.eval_configs import oracle_experts
+    from loramix.paths import shown_path
+
+    used = Bundle.load(resolve_bundle(bundle))
+    return {
+        "bundle": shown_path(used.root), "base_model": used.base_model, "experts": used.expert_names, "split": split,
+        "command": "loramix " + " ".join(sys.argv[1:]),
+        "oracle_experts": oracle_experts(used),
+    }  # fmt: skip
