@@ -134,7 +134,8 @@ def start_server(*args: str, timeout: float = 120.0):
             pass
         time.sleep(0.3)
     stop_server(process)
-    raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
+    output = process.stdout.read()[-3000:]
+    raise RuntimeError(f"the server was not healthy within {timeout:.0f} s; its output:\n{output}")
 
 
 def stop_server(process) -> None:

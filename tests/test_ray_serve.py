@@ -56,7 +56,16 @@ def test_two_replicas_serve_the_same_answers_and_shutdown_leaves_no_ray_process(
     openai = pytest.importorskip("openai")
     before = ray_processes()
     process, url = start_server(
-        "--ray", "--replicas", "2", "--bundle", str(tiny_bundle), "--embedder-dtype", "fp32", timeout=300
+        "--ray",
+        "--replicas",
+        "2",
+        "--num-cpus",
+        "0.5",
+        "--bundle",
+        str(tiny_bundle),
+        "--embedder-dtype",
+        "fp32",
+        timeout=300,
     )
     try:
         assert ray_processes() - before, "a local Ray instance is running"
