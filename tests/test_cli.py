@@ -122,12 +122,26 @@ def test_every_option_field_is_a_command_line_option_with_its_default(monkeypatc
 
     monkeypatch.setenv("COLUMNS", "300")  # no wrapped flag names in the help
 
+    from loramix.bench.harness import BenchOptions
+    from loramix.evaluation import EvalPlan
+    from loramix.hardware import Placement
+    from loramix.loadtest import LoadtestOptions
     from loramix.options import option_fields, options_from_values
+    from loramix.ray_serve import RaySettings
     from loramix.sequences import GenerationOptions
+    from loramix.server import ServeSettings
+    from loramix.specialist import SpecialistPlan
     from loramix.training import TrainConfig
 
-    for command, cls in (("generate", GenerationOptions), ("train", TrainConfig)):
-        code, out, _ = run_in_process(command, "--help")
+    commands = (
+        ("generate", GenerationOptions), ("generate", Placement), ("train", TrainConfig), ("serve", ServeSettings),
+        ("serve", RaySettings), ("eval", EvalPlan), ("bench", BenchOptions), ("specialist", SpecialistPlan),
+        ("loadtest", LoadtestOptions), ("demo", Placement), ("router", Placement),
+    )  # fmt: skip
+    for command, cls in commands:
+        if command == "router":
+            command = "router build"
+        code, out, _ = run_in_process(*command.split(), "--help")
         assert code == 0
         for field in option_fields(cls):
             assert field.metadata.get("flag", "--" + field.name.replace("_", "-")) in out, (command, field.name)
@@ -174,3 +188,15 @@ def test_every_module_imports_first():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) > 40
+
+
+def test_the_commands_page_is_written_from_the_code():
+    """docs/commands.md is what scripts/make_docs.py writes from the command line now (re-run it after a change)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("make_docs", root / "scripts" / "make_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.render() == (root / "docs" / "commands.md").read_text(encoding="utf-8"), "run scripts/make_docs.py"
