@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -112,14 +114,29 @@ def test_a_batch_equals_its_sequences_run_one_at_a_time(mixture, decode):
 
 
 def test_sequences_that_finish_early_leave_the_batch_without_disturbing_the_others(mixture):
+    """One sequence ends early (its own stop string); the others, with no stop string, run on unchanged."""
+    from loramix.engine import Engine
+    from loramix.sequences import GenerationOptions
+
     alone = [mixture.generate(p, max_new_tokens=10, min_new_tokens=10) for p in PROMPTS]
     stop = alone[1].text[2:4]
     assert stop, "the tiny model must produce some text"
-    batch = mixture.generate(PROMPTS, max_new_tokens=10, min_new_tokens=10, stop=(stop,))
-    assert batch[1].finish_reason == "stop" and len(batch[1].token_ids) < 10
-    for i in (0, 2):
-        if stop not in alone[i].text:
-            assert batch[i].token_ids == alone[i].token_ids
+    options = GenerationOptions(max_new_tokens=10, min_new_tokens=10)
+    seqs = [mixture.new_sequence(p, options, i) for i, p in enumerate(PROMPTS)]
+    stopping = GenerationOptions(max_new_tokens=10, min_new_tokens=10, stop=(stop,))
+    seqs[1] = mixture.new_sequence(PROMPTS[1], stopping, 1)
+    engine = Engine(mixture)
+    for seq in seqs:
+        engine.add(seq)
+    batch_sizes = []
+    while engine.busy:
+        engine.step()
+        batch_sizes.append(engine.running)
+    assert seqs[1].finish_reason == "stop" and len(seqs[1].token_ids) < 10
+    assert min(batch_sizes) < len(PROMPTS) < max(batch_sizes) + 1  # it left the batch while the others ran on
+    for i in range(len(PROMPTS)):
+        if i != 1:
+            assert seqs[i].token_ids == alone[i].token_ids and seqs[i].finish_reason == "length"
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -211,11 +228,18 @@ def test_stream_yields_every_token_with_its_weights(mixture):
 
 
 def test_result_json_has_the_documented_keys(mixture):
-    payload = mixture.generate(PROMPTS[0], max_new_tokens=4).to_json(mixture.expert_names)
-    for key in ("experts", "prompt_token_ids", "text", "token_ids", "tokens", "weights", "reroutes", "timing"):
-        assert key in payload
-    assert len(payload["weights"]) == len(payload["token_ids"]) == len(payload["tokens"])
-    assert {"prefill", "decode", "routing", "tokens_per_second"} <= set(payload["timing"])
+    result = mixture.generate(PROMPTS[0], every_k=2, max_new_tokens=5, min_new_tokens=5)
+    payload = json.loads(json.dumps(result.to_json(mixture.expert_names)))  # what --json prints, read back
+    assert payload["experts"] == mixture.expert_names
+    assert payload["prompt_token_ids"] == mixture.tokenizer(PROMPTS[0]).input_ids
+    assert payload["token_ids"] == result.token_ids and len(payload["token_ids"]) == 5
+    assert payload["text"] == mixture.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert payload["tokens"] == mixture.tokenizer.convert_ids_to_tokens(result.token_ids)
+    assert torch.allclose(torch.tensor(payload["weights"]), result.weights, atol=1e-6)
+    assert payload["reroutes"] == [0, 2, 4] and payload["finish_reason"] == "length"
+    timing = payload["timing"]
+    assert timing["tokens"] == 5 and timing["total"] > 0 and timing["decode"] > 0 and timing["routing"] >= 0
+    assert timing["tokens_per_second"] == pytest.approx(5 / timing["total"], rel=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,6 @@ from loramix.sequences import SequenceState, TokenEvent
 
 __all__ = ["Budgets", "Engine", "left_pad", "left_padded_positions"]
 
-IDLE_PREFILL_FACTOR = 8  # bigger chunks while no sequence decodes: a long prompt alone is not slowed down
-
 
 class Engine:
     """Steps any number of sequences on one RoutedModel; sequences may be added and cancelled between steps."""
@@ -106,15 +104,18 @@ class Engine:
                 continue
             if seq.policy.kind == "fixed":
                 seq.weights = torch.tensor(seq.policy.fixed, dtype=torch.float32)
+            elif seq.policy.kind == "layer":  # until its first pass says otherwise (and so the experts are on)
+                seq.weights = torch.full((seq.policy.n_experts,), 1.0 / seq.policy.n_experts)
             stage = ROUTING if seq.policy.hidden_layer is not None else MIXTURE
             self.scheduler.prefill(seq, seq.prompt_ids, seq.options.merge or self.mx.merge, stage)
 
     def _prefill(self) -> None:
         """Prefill passes until the step's budget of prompt tokens is spent (or nothing is left to prefill). With
-        nothing decoding there is no stream to keep flowing: the budget is IDLE_PREFILL_FACTOR times larger."""
+        nothing decoding there is no stream to keep flowing, and a whole prompt in one pass is the fastest way to
+        its first token: no budget then."""
         budget = self.chunks.budget()
-        if budget is not None and not any(lane.rows for lane in self.lanes.values()):
-            budget *= IDLE_PREFILL_FACTOR
+        if not any(lane.rows for lane in self.lanes.values()):
+            budget = None
         while (budget is None or budget > 0) and (work := self.scheduler.next_work(budget)):
             if budget is not None:
                 budget -= work.tokens

@@ -74,6 +74,7 @@ class RoutedModel:
         # One forward pass at a time: the weights and merge mode are set on the shared layers just before it.
         self._forward_lock = threading.Lock()
         self._loaded_weights: torch.Tensor | None = None
+        self.last_layer_weights: torch.Tensor | None = None  # [b, n]: in-layer routing's weights, the last pass
 
     @classmethod
     def from_bundle(
@@ -120,13 +121,15 @@ class RoutedModel:
 
     def forward(
         self, input_ids, attention_mask, position_ids, cache, weights=None, merge: str | None = None,
-        capture: tuple[int, ...] = (),
+        capture: tuple[int, ...] = (), layer_rows: torch.Tensor | None = None,
     ):  # fmt: skip
         """Logits of the last position [batch, vocab], the KV cache (a new one if `cache` is None), and the hidden
         states after each layer in `capture` ({layer: [batch, seq, hidden]}, for hidden-state routing).
 
         weights: [batch, n_experts] routing weights for this pass (None: experts off); merge: the merge mode
         (None: the model's). Both are set on the shared mixture layers inside the same lock as the pass.
+        layer_rows: [batch] bool, the rows routed inside each layer (`route=arrow`); their weights for the next token,
+        averaged over the layers, are left in `last_layer_weights` [batch, n_experts].
         """
         from transformers import DynamicCache
 
@@ -138,10 +141,15 @@ class RoutedModel:
             if weights is not self._loaded_weights or weights is None:
                 self.set_weights(weights)
                 self._loaded_weights = weights
+            state = self.state
+            state.layer_rows = None if layer_rows is None else layer_rows.view(-1, 1, 1).to(self.device)
+            state.layer_record = []
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1, output_hidden_states=bool(capture), **{self._cache_keyword: cache},
             )  # fmt: skip
+            records, state.layer_rows, state.layer_record = state.layer_record, None, []
+        self.last_layer_weights = torch.stack(records).mean(dim=0).cpu() if records else None
         hidden = {layer: out.hidden_states[layer] for layer in capture}
         logits = out.logits[:, -1, :].float()
         if logits.is_cuda:  # so the time of the forward pass is counted as such, not in whatever waits next

@@ -143,6 +143,13 @@ def softmax_weights(similarities: torch.Tensor, temperature: float = SOFTMAX_TEM
     return (similarities / temperature).softmax(dim=-1)
 
 
+def peak_weights(similarities: torch.Tensor, temperature: float = SOFTMAX_TEMPERATURE) -> torch.Tensor:
+    """softmax(similarities / T) divided by its largest value: the top expert at its trained scale (1), the others
+    in proportion. Soft weights below 1 dilute a LoRA trained at unit scale; these do not dilute the top one."""
+    weights = softmax_weights(similarities, temperature)
+    return weights / weights.max(dim=-1, keepdim=True).values
+
+
 def top1_weights(similarities: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(similarities.argmax(dim=-1), similarities.shape[-1]).float()
 
@@ -160,7 +167,8 @@ class RoutePolicy:
     """How weights are chosen during generation.
 
     kind: "dynamic" (re-route from the text every k tokens), "prompt" (route once on the prompt),
-    "fixed" (constant weights, no embedding at all) or "base" (experts off).
+    "fixed" (constant weights, no embedding at all), "layer" (each layer routes each token itself: Arrow) or "base"
+    (experts off).
     """
 
     spec: str
@@ -198,8 +206,8 @@ DEFAULT_EVERY_K = 1
 
 ROUTE_HELP = (
     f"hidden (the default: {HIDDEN_POLICY}), hidden:L/RULE, boost[:T] (the paper's rule; also 'paper'), softmax[:T], "
-    "top1, topk:K[:T], "
-    "window:W[+P]/RULE, prompt[:RULE], base, uniform, oracle:NAME, fixed:w1,w2,..."
+    "peak[:T] (softmax scaled so the top expert is at 1), top1, topk:K[:T], "
+    "window:W[+P]/RULE, prompt[:RULE], arrow (per layer, per token), base, uniform, oracle:NAME, fixed:w1,w2,..."
 )
 
 
@@ -220,7 +228,7 @@ def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
                 f"{RULE_TEMPERATURES[1]:g}."
             )
         return lambda sims: topk_weights(sims, k, temperature)
-    if name in ("paper", "softmax"):
+    if name in ("paper", "softmax", "peak"):
         default = PAPER_TEMPERATURE if name == "paper" else SOFTMAX_TEMPERATURE
         try:
             temperature = float(arg) if arg else default
@@ -233,7 +241,7 @@ def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
                 f"Route rule '{spec}': the temperature must be between {RULE_TEMPERATURES[0]:g} and "
                 f"{RULE_TEMPERATURES[1]:g} (beyond, the weights overflow float32)."
             )
-        function = paper_weights if name == "paper" else softmax_weights
+        function = {"paper": paper_weights, "softmax": softmax_weights, "peak": peak_weights}[name]
         return lambda sims: function(sims, temperature)
     return None
 
@@ -264,7 +272,7 @@ def _parse_hidden(spec: str) -> RoutePolicy:
     if rule is None or layer == 0:
         raise LoramixError(
             f"Route '{spec}': write hidden:L/RULE (L >= 1 a layer of the base model, or -1 for the last, -2 the one "
-            "before; RULE paper[:T], softmax[:T], top1 or topk:K[:T]), e.g. hidden:-2/softmax:0.05."
+            "before; RULE boost[:T], softmax[:T], peak[:T], top1 or topk:K[:T]), e.g. hidden:-2/softmax:0.05."
         )
     return RoutePolicy(spec, "dynamic", rule=rule, hidden_layer=layer)
 
@@ -283,7 +291,7 @@ def _parse_window(spec: str) -> RoutePolicy:
     if name != "window" or rule is None or window < 1 or window_head < 0:
         raise LoramixError(
             f"Route '{spec}': write window:W/RULE or window:W+P/RULE (W >= 1 recent tokens, P >= 0 tokens of the "
-            "prompt's start; RULE paper[:T], softmax[:T], top1 or topk:K[:T]), e.g. window:64/softmax:0.05."
+            "prompt's start; RULE boost[:T], softmax[:T], peak[:T], top1 or topk:K[:T]), e.g. window:64/softmax:0.05."
         )
     return RoutePolicy(spec, "dynamic", rule=rule, window=window, window_head=window_head)
 
@@ -309,6 +317,8 @@ def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
         return RoutePolicy(spec, "prompt", rule=rule)
     if spec == "base":
         return RoutePolicy(spec, "base")
+    if spec == "arrow":  # routed inside each layer from its own input (`layer_router`)
+        return RoutePolicy(spec, "layer")
     if spec == "uniform":
         return RoutePolicy(spec, "fixed", fixed=tuple([1.0 / n] * n))
     if name == "oracle":

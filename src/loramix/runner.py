@@ -118,6 +118,20 @@ def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
+def _layer_rows(seqs: list[SequenceState]) -> torch.Tensor | None:
+    """[b] bool of the rows routed inside each layer (Arrow), or None when there are none."""
+    rows = [seq.policy.kind == "layer" for seq in seqs]
+    return torch.tensor(rows) if any(rows) else None
+
+
+def _take_layer_weights(mixture, seqs: list[SequenceState]) -> None:
+    """In-layer routing's weights (mean over layers) of the token each such row predicts next: what produced it."""
+    if mixture.last_layer_weights is not None:
+        for row, seq in enumerate(seqs):
+            if seq.policy.kind == "layer":
+                seq.weights = mixture.last_layer_weights[row]
+
+
 def _hidden_layers(seqs: list[SequenceState]) -> tuple[int, ...]:
     return tuple(sorted({s.policy.hidden_layer for s in seqs if s.policy.hidden_layer is not None}))
 
@@ -189,8 +203,11 @@ class ModelRunner:
             cache = job.cache
         finishing = work.chunk is None or work.chunk[1] == len(work.jobs[0].text)
         capture = _hidden_layers(again) if finishing else ()
-        logits, cache, hidden = mx.forward(ids, mask, positions, cache, weights, work.jobs[0].merge, capture=capture)
+        logits, cache, hidden = mx.forward(
+            ids, mask, positions, cache, weights, work.jobs[0].merge, capture=capture, layer_rows=_layer_rows(seqs)
+        )
         self.timing["prefill"] += time.perf_counter() - start
+        _take_layer_weights(mx, seqs)
         if not finishing:
             work.jobs[0].cache, work.jobs[0].done = cache, work.chunk[1]
             return []
@@ -216,9 +233,17 @@ class ModelRunner:
         layers = _hidden_layers(lane.rows)
         start = time.perf_counter()
         lane.logits, lane.cache, hidden = mx.forward(
-            last, lane.mask, positions, lane.cache, lane.weights(), lane.merge, capture=layers
+            last,
+            lane.mask,
+            positions,
+            lane.cache,
+            lane.weights(),
+            lane.merge,
+            capture=layers,
+            layer_rows=_layer_rows(lane.rows),
         )
         self.timing["decode"] += time.perf_counter() - start
+        _take_layer_weights(mx, lane.rows)
         latest = {layer: state[:, -1].float().cpu() for layer, state in hidden.items()}  # one copy per layer
         for row, seq in enumerate(lane.rows):  # hidden routing: the token just processed joins the running mean
             if seq.policy.hidden_layer is not None:

@@ -300,6 +300,9 @@ def new_sequence(mixture, prompt: str | list[int], options: GenerationOptions, i
             mixture.state.check_mode(options.merge)
         except LoramixError as exc:
             raise OptionError("merge", sentence=str(exc)) from None
+    if policy.kind == "layer" and (options.merge or mixture.merge) != "exact":
+        raise OptionError("route", sentence=f"Route '{options.route}' routes inside each layer, which only the "
+                          "exact merge mode can do; use --merge exact.")  # fmt: skip
     tokenizer = mixture.tokenizer
     if isinstance(prompt, str):
         if not prompt.strip():

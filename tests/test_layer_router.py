@@ -1,0 +1,81 @@
+"""Routing inside each layer (`route=arrow`): exact prototypes, the top-k softmax, the engine against PEFT's own Arrow,
+and rows routed this way batched beside rows of any other route."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from loramix.errors import LoramixError
+from loramix.generation import GenerationOptions, GenerationStream
+from loramix.layer_router import arrow_weights, top_right_singular_vector
+from loramix.mixture import MixtureLinear
+
+PROMPTS = ["Question: What is 2 + 3?\n\nAnswer:", "Write a function that adds two numbers.\n\nAnswer:"]
+
+
+def test_the_prototype_is_the_top_right_singular_vector_of_the_delta():
+    generator = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 32, generator=generator), torch.randn(24, 4, generator=generator)
+    expected = torch.linalg.svd(B @ A).Vh[0]
+    ours = top_right_singular_vector(A, B)
+    assert torch.allclose(ours.abs(), expected.abs(), atol=1e-5) and abs(float(ours @ expected)) == pytest.approx(1)
+    assert not top_right_singular_vector(torch.zeros(4, 32), B).any()  # an expert that does not adapt this layer
+
+
+def test_weights_are_a_softmax_over_the_top_k_by_absolute_similarity():
+    prototypes = torch.eye(4)
+    x = torch.tensor([[3.0, -2.0, 0.5, 0.1]])
+    weights = arrow_weights(x, prototypes, top_k=2, temperature=1.0)
+    expected = torch.tensor([3.0, 2.0]).softmax(dim=0)
+    assert torch.allclose(weights[0, :2], expected) and weights[0, 2:].eq(0).all()  # sign ignored, the rest 0
+
+
+def _peft_prototypes_into_ours(mixture, arrow_model) -> None:
+    """Our layers take PEFT's prototypes (power iteration, 15 steps), so the comparison below is of the routing
+    and the mixing, the same maths on the same vectors."""
+    ours = {name: m for name, m in mixture.model.named_modules() if isinstance(m, MixtureLinear)}
+    for name, module in arrow_model.named_modules():
+        router = getattr(module, "lora_arrow", None)
+        router = router.get("arrow_router") if isinstance(router, torch.nn.ModuleDict) else router
+        if router is None or not hasattr(router, "prototypes"):
+            continue
+        key = name.split("base_model.model.", 1)[-1]
+        if key in ours:
+            assert torch.allclose(ours[key].prototypes.abs(), router.prototypes.abs(), atol=1e-3), key
+            ours[key].prototypes.copy_(router.prototypes)
+
+
+def test_arrow_in_the_engine_gives_pefts_arrow_tokens_and_batches_beside_other_routes(tiny_mixture, tiny_bundle):
+    from loramix.baselines import ArrowBaseline
+    from loramix.bundle import Bundle
+
+    arrow = ArrowBaseline(Bundle.load(tiny_bundle))
+    reference = arrow.generate(PROMPTS, max_new_tokens=8)  # builds PEFT's prototypes on its first pass
+    saved = {n: m.prototypes.clone() for n, m in tiny_mixture.model.named_modules() if isinstance(m, MixtureLinear)}
+    try:
+        _peft_prototypes_into_ours(tiny_mixture, arrow.model)
+        ours = tiny_mixture.generate(PROMPTS, route="arrow", max_new_tokens=8, min_new_tokens=8)
+        for mine, theirs in zip(ours, reference):
+            assert mine.token_ids == theirs.token_ids[: len(mine.token_ids)]
+            assert torch.allclose(mine.weights.sum(dim=1), torch.ones(len(mine.token_ids)), atol=1e-5)
+        hidden = GenerationOptions(max_new_tokens=8, min_new_tokens=8)
+        per_prompt = [replace(hidden, route="arrow"), hidden]
+        beside = GenerationStream(tiny_mixture, PROMPTS, hidden, per_prompt=per_prompt)
+        for _ in beside:
+            pass
+        mixed = beside.results()
+        assert mixed[0].token_ids == ours[0].token_ids  # the arrow row, beside a hidden-routed row
+        alone = tiny_mixture.generate(PROMPTS[1], max_new_tokens=8, min_new_tokens=8)
+        assert mixed[1].token_ids == alone.token_ids
+    finally:
+        for name, module in tiny_mixture.model.named_modules():
+            if name in saved:
+                module.prototypes.copy_(saved[name])
+
+
+def test_arrow_needs_the_exact_merge(tiny_mixture):
+    with pytest.raises(LoramixError, match="only the exact merge mode"):
+        tiny_mixture.generate(PROMPTS[0], route="arrow", merge="linear", max_new_tokens=2)
