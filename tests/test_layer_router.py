@@ -38,13 +38,16 @@ def _peft_prototypes_into_ours(mixture, arrow_model) -> None:
     and the mixing, the same maths on the same vectors."""
     ours = {name: m for name, m in mixture.model.named_modules() if isinstance(m, MixtureLinear)}
     for name, module in arrow_model.named_modules():
-        router = getattr(module, "lora_arrow", None)
-        router = router.get("arrow_router") if isinstance(router, torch.nn.ModuleDict) else router
+        routers = getattr(module, "lora_arrow", None)
+        router = (
+            routers["arrow_router"] if isinstance(routers, torch.nn.ModuleDict) and "arrow_router" in routers else None
+        )
         if router is None or not hasattr(router, "prototypes"):
             continue
         key = name.split("base_model.model.", 1)[-1]
         if key in ours:
-            assert torch.allclose(ours[key].prototypes.abs(), router.prototypes.abs(), atol=1e-3), key
+            cosines = torch.nn.functional.cosine_similarity(ours[key].prototypes, router.prototypes.float(), dim=-1)
+            assert (cosines.abs() > 0.999).all(), key  # the same direction (PEFT's 15 power steps come close)
             ours[key].prototypes.copy_(router.prototypes)
 
 
