@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from loramix.sequences import SequenceState
 
 ROUTING, MIXTURE = "routing", "mixture"  # the two stages of a prefill
-GROUP_FACTOR = 4  # newcomers prefilled together may take this many steps' budgets in one pass
 
 
 @dataclass(frozen=True)
@@ -142,10 +141,9 @@ class Scheduler:
 
     def next_work(self, budget: int | None) -> Work | None:
         """The next prefill pass for a step with `budget` tokens left (None: any). Fresh jobs whose whole text fits
-        the budget go first (a short prompt never waits behind a long one's chunks), together in one padded pass of
-        up to GROUP_FACTOR budgets: one pass reads every weight once, so batching newcomers is where throughput comes
-        from, and they seldom arrive more than a few at a time. Else the first job in arrival order gets its next
-        chunk."""
+        the budget go first (a short prompt never waits behind a long one's chunks), all of them together in one
+        padded pass: one pass reads every weight once, so batching newcomers is where throughput comes from, and
+        each of them is short. Else the first job in arrival order gets its next chunk."""
         self.prefilling = [job for job in self.prefilling if not job.seq.finished]
         if not self.prefilling:
             return None
@@ -154,9 +152,6 @@ class Scheduler:
             head, group = fresh[0], [fresh[0]]
             for job in fresh[1:]:
                 if job.stage != head.stage or (head.stage == MIXTURE and job.merge != head.merge):
-                    continue
-                width = max(len(job.text), *(len(j.text) for j in group))
-                if budget is not None and (len(group) + 1) * width > GROUP_FACTOR * budget:
                     continue
                 group.append(job)
             return Work(head.stage, group)
