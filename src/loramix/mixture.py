@@ -25,9 +25,7 @@ from loramix.layer_router import ARROW_TEMPERATURE, ARROW_TOP_K, arrow_weights, 
 
 MERGE_MODES = ("exact", "linear", "paper")
 DEFAULT_MERGE = "exact"
-# "peft04" is PEFT 0.4.0's weighted merge, the one the reference code ran; "paper" is its first spelling, kept so
-# every stored result keeps its name and key
-MERGE_ALIASES = {"peft04": "paper"}
+MERGE_ALIASES = {"peft04": "paper"}  # PEFT 0.4.0's merge; "paper", its first spelling, keeps results' names and keys
 
 
 def canonical_merge(mode: str) -> str:
@@ -48,7 +46,7 @@ class MixtureState:
         self.coef_b: torch.Tensor | None = None  # [b, n]: weights of the B side (merged modes)
         self.scale_a: torch.Tensor | None = None  # [b, 1, R]: coef_a spread over each expert's rank columns
         self.layer_rows: torch.Tensor | None = None  # [b, 1, 1] bool: rows routed inside each layer (Arrow)
-        self.layer_record: list[torch.Tensor] = []  # each layer's [b, n] weights of the last position, this pass
+        self.layer_record: list[torch.Tensor] = []  # each layer's [b, n] weights of the last position
 
     @property
     def n_experts(self) -> int:
@@ -101,10 +99,7 @@ class MixtureState:
 class MixtureLinear(nn.Module):
     """A base Linear plus the routed mixture of all experts' LoRA deltas."""
 
-    def __init__(
-        self, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, state: MixtureState,
-        prototypes: torch.Tensor | None = None,
-    ):  # fmt: skip
+    def __init__(self, base: nn.Module, lora_A, lora_B, state: MixtureState, prototypes: torch.Tensor | None = None):
         super().__init__()
         self.base = base
         self.register_buffer("lora_A", lora_A, persistent=False)  # [R, in]: experts' A stacked by rows
@@ -130,11 +125,10 @@ class MixtureLinear(nn.Module):
 
     def _layer_scale(self, x: torch.Tensor) -> torch.Tensor:
         """[b, t, R]: each token's scale, from this layer's own routing for the rows that use it."""
-        state = self.state
-        weights = arrow_weights(x, self.prototypes, ARROW_TOP_K, ARROW_TEMPERATURE)  # [b, t, n]
+        state, weights = self.state, arrow_weights(x, self.prototypes, ARROW_TOP_K, ARROW_TEMPERATURE)  # [b, t, n]
         state.layer_record.append(weights[:, -1])
-        ranks = torch.tensor(state.ranks, device=x.device)
-        scaled = (weights * state.scalings.to(weights.device)).to(x.dtype).repeat_interleave(ranks, dim=-1)
+        scaled = (weights * state.scalings.to(weights.device)).to(x.dtype)
+        scaled = scaled.repeat_interleave(torch.tensor(state.ranks, device=x.device), dim=-1)
         return torch.where(state.layer_rows, scaled, state.scale_a)
 
     def _build_merged_factors(self) -> None:
