@@ -54,7 +54,7 @@ def test_parse_configs(tiny_bundle):
         ("expert:poetry", "no expert"),
         ("best", "Unknown config"),
         ("tla:k=2,decode=lazy", "decode must be"),
-        ("tla:k=2,merge=avg", "merge must be"),
+        ("tla:k=2,merge=avg", "Unknown merge mode .avg."),
     ],
 )
 def test_bad_configs(tiny_bundle, spec, message):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from loramix.baselines import ARROW_SETTINGS
 from loramix.bundle import Bundle, BundleFingerprint
 from loramix.errors import LoramixError
-from loramix.mixture import MERGE_MODES, canonical_merge
+from loramix.mixture import MERGE_ALIASES, canonical_merge
 from loramix.router import canonical_route
 from loramix.tasks import get_task
 
@@ -132,7 +132,8 @@ def parse_configs(spec: str, bundle: Bundle, defaults: EvalConfig | None = None)
             argument = ""
         for setting in options:
             key, _, value = setting.partition("=")
-            value = canonical_merge(value) if key == "merge" else canonical_route(value) if key == "route" else value
+            if key in ("merge", "route"):  # the spelling results are named and keyed by
+                value = MERGE_ALIASES.get(value, value) if key == "merge" else canonical_route(value)
             if key == "k":
                 try:
                     settings["every_k"] = int(value)
@@ -159,8 +160,10 @@ def parse_configs(spec: str, bundle: Bundle, defaults: EvalConfig | None = None)
             raise LoramixError(f"Config '{config.name}': k must be positive.")
         if config.decode not in ("cached", "recompute"):
             raise LoramixError(f"Config '{config.name}': decode must be cached or recompute.")
-        if config.merge not in MERGE_MODES:
-            raise LoramixError(f"Config '{config.name}': merge must be one of {', '.join(MERGE_MODES)}.")
+        try:
+            canonical_merge(config.merge)
+        except LoramixError as exc:
+            raise LoramixError(f"Config '{config.name}': {exc}") from None
     return list(dict.fromkeys(configs))  # drop repeats, keep order
 
 

@@ -205,10 +205,11 @@ class _Engines:
         )
 
 
-def resolve_embedder_dtype(dtype: str) -> str:
+def resolve_embedder_dtype(dtype: str, device: str = "cpu") -> str:
+    """The routing precision "auto" stands for on `device` (the one rule: `router.bf16_routing_pays`)."""
     from loramix.router import bf16_routing_pays
 
-    return dtype if dtype != "auto" else ("bf16" if bf16_routing_pays("cpu") else "fp32")
+    return dtype if dtype != "auto" else ("bf16" if bf16_routing_pays(device) else "fp32")
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -222,13 +223,13 @@ def run_evaluation(plan: EvalPlan, progress: bool = True, on_batch=None) -> Item
     defaults = EvalConfig.defaults(plan.decode, plan.merge, plan.route)
     configs = parse_configs(plan.configs, bundle, defaults)
     tasks = plan.task_names()
-    routing_dtype = resolve_embedder_dtype(plan.embedder_dtype)
+    placement = Placement(plan.device, plan.dtype).resolve()
+    routing_dtype = resolve_embedder_dtype(plan.embedder_dtype, placement[0])
     fingerprint = BundleFingerprint.of(bundle, routing_dtype)
     rank, world = distributed_rank()
     store = ItemStore(plan.out, rank=rank).load()
     root = data_dir(plan.data)
     examples = {task: get_task(task).load(root, plan.split)[: plan.limit] for task in tasks}
-    placement = Placement(plan.device, plan.dtype).resolve()
     model_dtype = DTYPE_NAMES[placement[1]]
     engines = _Engines(bundle, plan.max_new_tokens, routing_dtype, placement)
     stored_keys = store.keys_by_cell()

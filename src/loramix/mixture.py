@@ -29,7 +29,11 @@ MERGE_ALIASES = {"peft04": "paper"}  # PEFT 0.4.0's merge; "paper", its first sp
 
 
 def canonical_merge(mode: str) -> str:
-    return MERGE_ALIASES.get(mode, mode)
+    """A merge mode's name as results are keyed by; raises on a name that is no merge mode (the one check)."""
+    mode = MERGE_ALIASES.get(mode, mode)
+    if mode not in MERGE_MODES:
+        raise LoramixError(f"Unknown merge mode '{mode}'; choose one of exact, linear or peft04.")
+    return mode
 
 
 class MixtureState:
@@ -55,8 +59,6 @@ class MixtureState:
     def check_mode(self, mode: str) -> None:
         """Refuse a merge mode these experts cannot be mixed in."""
         mode = canonical_merge(mode)
-        if mode not in MERGE_MODES:
-            raise LoramixError(f"Unknown merge mode '{mode}'; choose one of {', '.join(MERGE_MODES)}.")
         if mode != "exact" and len(set(self.ranks)) > 1:
             raise LoramixError(
                 f"Merge mode '{mode}' needs experts of equal rank, but the ranks are {self.ranks}. "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from loramix.errors import LoramixError, OptionError
-from loramix.mixture import MERGE_MODES, canonical_merge
+from loramix.mixture import canonical_merge
 from loramix.options import option
 from loramix.router import DEFAULT_EVERY_K, DEFAULT_ROUTE, ROUTE_HELP, RouteMemory, RoutePolicy, parse_route
 
@@ -57,9 +57,11 @@ class GenerationOptions:
         if self.decode not in DECODE_MODES:
             raise OptionError("decode", sentence=f"Unknown decode mode '{self.decode}'; choose one of "
                               f"{', '.join(DECODE_MODES)}.")  # fmt: skip
-        if self.merge is not None and canonical_merge(self.merge) not in MERGE_MODES:
-            raise OptionError("merge", sentence=f"Unknown merge mode '{self.merge}'; choose one of "
-                              f"{', '.join(MERGE_MODES)}.")  # fmt: skip
+        if self.merge is not None:
+            try:
+                canonical_merge(self.merge)
+            except LoramixError as exc:
+                raise OptionError("merge", sentence=str(exc)) from None
         if self.max_new_tokens <= 0:
             raise OptionError("max_new_tokens", f"must be positive, got {self.max_new_tokens}.")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

@@ -192,9 +192,9 @@ def run_answer_losses(plan, progress: bool = True) -> ItemStore:
     bundle = Bundle.load(resolve_bundle(plan.bundle))
     defaults = EvalConfig.defaults(plan.decode, plan.merge, plan.route)
     configs = [c for c in parse_configs(plan.configs, bundle, defaults) if c.kind != "oracle"]  # = its expert
-    routing_dtype = resolve_embedder_dtype(plan.embedder_dtype)
-    fingerprint = BundleFingerprint.of(bundle, routing_dtype)
     device, dtype = Placement(plan.device, plan.dtype).resolve()
+    routing_dtype = resolve_embedder_dtype(plan.embedder_dtype, device)
+    fingerprint = BundleFingerprint.of(bundle, routing_dtype)
     dtype_name = DTYPE_NAMES[dtype]
     store = loss_store(plan.out).load()
     root = data_dir(plan.data)
