@@ -4,6 +4,8 @@ Two steps, because the GPU machine has no hub and no registry:
 
     python scripts/gpu_bench.py prepare --assets .gpu        # here: tokenizer, embedder config, prompts (~3 MB)
     python scripts/gpu_bench.py run --assets .gpu --out OUT  # on the GPU machine (PYTHONPATH=src)
+    python scripts/gpu_bench.py bundle --assets .gpu --out B # there too: the same random model as a bundle on disk,
+                                                             # for `loramix serve --bundle B` (scripts/gpu_check.sh)
 
 `prepare` trains a 32,000-token byte-level BPE tokenizer on the tasks' training texts (Llama-2's vocabulary
 size; Llama-2's own tokenizer is not available offline), copies all-MiniLM-L6-v2's configuration and
@@ -99,12 +101,63 @@ def _experts(peft_base: torch.nn.Module, folder: Path, rank: int):
     return peft.eval(), paths
 
 
+def write_bundle(args: argparse.Namespace) -> None:
+    """The random model as a loramix bundle folder: base model (+ tokenizer), four experts, a random embedder, random
+    text and hidden-state centroids. Loads like any bundle (`loramix serve --bundle`), to serve and load-test it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from loramix.bundle import Bundle, ExpertEntry
+    from loramix.centroids import save_centroids
+    from loramix.hidden_router import HIDDEN_ROUTER_FILE
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    root = Path(args.out)
+    if root.exists():
+        shutil.rmtree(root)
+    shape = TINY if args.tiny else LLAMA2_7B
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(
+            LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0), dtype=dtype
+        )
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 0
+    tokenizer = AutoTokenizer.from_pretrained(args.assets / "tokenizer")
+    tokenizer.pad_token = tokenizer.unk_token
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    config = LoraConfig(r=args.rank, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    entries = []
+    for name in EXPERTS:  # one at a time on the same model: a PEFT wrapper, random B, save, unwrap
+        peft = get_peft_model(model, config)
+        for key, parameter in peft.named_parameters():
+            if "lora_B" in key:
+                parameter.data.copy_((torch.randn(parameter.shape, generator=generator) * 0.02).to(parameter))
+        peft.save_pretrained(root / "experts" / name)
+        model = peft.unload()
+        entries.append(ExpertEntry(name=name, path=f"experts/{name}"))
+    embedder = _random_embedder(args.assets, root / "minilm", device)
+    dim = json.loads((embedder / "config.json").read_text(encoding="utf-8"))["hidden_size"]
+    names = list(EXPERTS)
+    save_centroids(root / "router.safetensors", torch.randn(len(names), dim, generator=generator), names)
+    hidden = torch.randn(shape["num_hidden_layers"] + 1, len(names), shape["hidden_size"], generator=generator)
+    save_centroids(root / HIDDEN_ROUTER_FILE, hidden, names)
+    about = {"random": f"{'tiny' if args.tiny else 'Llama-2-7b'} shape, r={args.rank}, {dtype}"}
+    base = str((root / "base").resolve())
+    Bundle(root=root, base_model=base, embedder=str(embedder.resolve()), experts=entries, info=about).save()
+    print(f"bundle written to {root} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def run(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from loramix.adapters import load_expert
     from loramix.bench import BenchContext, run_benchmark, write_report_files
     from loramix.generation import MixtureModel
+    from loramix.hidden_router import HiddenRouter
     from loramix.router import CentroidRouter, Embedder
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -127,6 +180,8 @@ def run(args: argparse.Namespace) -> None:
     embedder = Embedder(str(_random_embedder(args.assets, work / "minilm", device)), device, "auto")
     centroids = torch.nn.functional.normalize(torch.randn(len(EXPERTS), embedder.dim), dim=-1)
     mixture = MixtureModel(model, tokenizer, experts, CentroidRouter(embedder, centroids))
+    hidden = torch.randn(shape["num_hidden_layers"] + 1, len(EXPERTS), shape["hidden_size"])
+    mixture.hidden_router = HiddenRouter(hidden)  # random centroids: the default route's cost, not its choices
     prompts = json.loads((args.assets / "prompts.json").read_text(encoding="utf-8"))
     shape_name = "tiny Llama (CPU dry run)" if args.tiny else "Llama-2-7b shape"
     description = {
@@ -172,9 +227,17 @@ def main() -> None:
     bench.add_argument("--merge-grid", action="store_true", help="also every decode x k x merge mode at batch 1")
     bench.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     bench.add_argument("--tiny", action="store_true", help="a small model on CPU, to check the script")
+    bundle = commands.add_parser("bundle", help="the random model as a bundle folder, for `loramix serve`")
+    bundle.add_argument("--assets", type=Path, default=Path(".gpu"))
+    bundle.add_argument("--out", type=Path, required=True)
+    bundle.add_argument("--rank", type=int, default=64)
+    bundle.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    bundle.add_argument("--tiny", action="store_true", help="a small model, to check the script")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.assets, args.data_dir)
+    elif args.command == "bundle":
+        write_bundle(args)
     else:
         args.command_line = sys.argv[2:]
         run(args)

@@ -158,3 +158,36 @@ def test_served_default_bundle_under_concurrency_equals_each_request_alone():
         settings = {k: body[k] for k in ("every_k", "route", "merge") if k in body}
         assert result.error is None
         assert result.text == mixture.generate(body["prompt"], max_new_tokens=16, **settings).text, body
+
+
+def test_bf16_keeps_the_routing_and_most_greedy_answers_of_fp32():
+    """What bf16 holds on the shipped bundle and its four shipped prompts (12 greedy tokens, the default route): the
+    leading expert at every token both runs share and each routing weight within 0.03 of fp32's; the same 12 tokens
+    on at least two of the four prompts. Not more: ARC's answer letter flips (its top logits lie within bf16's
+    rounding) and GSM8K's parts at its 12th token."""
+    import json
+
+    from loramix.paths import PACKAGE_ROOT
+
+    lines = (PACKAGE_ROOT / "examples" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        mixture = MixtureModel.from_bundle(None, device="cpu", dtype=dtype, embedder_dtype="fp32")
+        assert mixture.model.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        runs[dtype] = mixture.generate(prompts, max_new_tokens=12, batch_size=4)
+    same_answers = 0
+    for exact, half in zip(runs["fp32"], runs["bf16"]):
+        shared = 0
+        while shared < min(len(exact.token_ids), len(half.token_ids)) and (
+            exact.token_ids[shared] == half.token_ids[shared]
+        ):
+            shared += 1
+        exact_weights, half_weights = torch.tensor(exact.weights[:shared]), torch.tensor(half.weights[:shared])
+        if shared:
+            assert torch.equal(exact_weights.argmax(dim=-1), half_weights.argmax(dim=-1))
+            assert (exact_weights - half_weights).abs().max() < 0.03
+        first_exact, first_half = torch.tensor(exact.weights[0]), torch.tensor(half.weights[0])  # the prompt's
+        assert first_exact.argmax() == first_half.argmax() and (first_exact - first_half).abs().max() < 0.03
+        same_answers += exact.token_ids == half.token_ids
+    assert same_answers >= 2

@@ -6,7 +6,7 @@
                  remembered per CPU model and torch version), else fp32.
 
 fp32 is the exactness reference; bf16 and fp16 trade the last bits of the logits for speed and memory (the tests
-state the agreement they hold: README, "Precision").
+state the agreement they hold: docs/generation.md).
 """
 
 from __future__ import annotations
