@@ -82,3 +82,46 @@ def test_arrow_in_the_engine_gives_pefts_arrow_tokens_and_batches_beside_other_r
 def test_arrow_needs_the_exact_merge(tiny_mixture):
     with pytest.raises(LoramixError, match="only the exact merge mode"):
         tiny_mixture.generate(PROMPTS[0], route="arrow", merge="linear", max_new_tokens=2)
+
+
+def test_spectr_scores_are_the_deltas_norm_over_its_top_singular_value():
+    """SpectR from h = A x and the block-diagonal G: ||B_i A_i x|| / sigma_i, computed against the full matrices."""
+    from loramix.layer_router import expert_spectrum, spectr_scores, top_k_softmax
+
+    generator = torch.Generator().manual_seed(1)
+    ranks = [4, 2, 3]
+    pairs = [(torch.randn(r, 32, generator=generator), torch.randn(24, r, generator=generator)) for r in ranks]
+    pairs.append((torch.zeros(2, 32), torch.zeros(24, 2)))  # an expert that does not adapt this layer
+    ranks.append(2)
+    x = torch.randn(5, 32, generator=generator)
+    h = torch.cat([x @ A.T for A, _ in pairs], dim=-1)
+    gram = torch.block_diag(*[expert_spectrum(A, B)[1] for A, B in pairs])
+    ours = spectr_scores(h, gram, ranks)
+    expected = torch.stack(
+        [(x @ (B @ A).T).norm(dim=-1) / torch.linalg.matrix_norm(B @ A, ord=2) for A, B in pairs[:3]]
+        + [torch.zeros(5)],
+        dim=-1,
+    )
+    assert torch.allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    v = expert_spectrum(*pairs[0])[0]  # along the top direction, the score is Arrow's |<x, v>|
+    along = torch.cat([(3 * v) @ A.T for A, _ in pairs], dim=-1)
+    assert spectr_scores(along, gram, ranks)[0] == pytest.approx(3.0, rel=1e-4)
+    weights = top_k_softmax(ours, 3, 1.0)
+    assert torch.allclose(weights.sum(dim=-1), torch.ones(5)) and weights[:, 3].eq(0).all()
+
+
+def test_spectr_in_the_engine_batches_beside_other_routes_and_matches_alone(tiny_mixture):
+    spectr = GenerationOptions(route="spectr", max_new_tokens=8, min_new_tokens=8)
+    alone = tiny_mixture.generate(PROMPTS, spectr)
+    arrow = tiny_mixture.generate(PROMPTS, replace(spectr, route="arrow"))
+    assert any(a.token_ids != b.token_ids or not torch.allclose(a.weights, b.weights) for a, b in zip(alone, arrow))
+    for result in alone:
+        assert torch.allclose(result.weights.sum(dim=1), torch.ones(8), atol=1e-5)
+    hidden = GenerationOptions(max_new_tokens=8, min_new_tokens=8)
+    per_prompt = [spectr, replace(hidden, route="arrow")]
+    beside = GenerationStream(tiny_mixture, PROMPTS, hidden, per_prompt=per_prompt)
+    for _ in beside:
+        pass
+    mixed = beside.results()
+    assert mixed[0].token_ids == alone[0].token_ids and torch.allclose(mixed[0].weights, alone[0].weights, atol=1e-6)
+    assert mixed[1].token_ids == arrow[1].token_ids

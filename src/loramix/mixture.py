@@ -10,8 +10,8 @@ With expert i having A_i [r_i, in], B_i [out, r_i], scaling s_i and routing weig
 
 All three are two small matmuls per token: `exact` multiplies by the stacked matrices with a per-row scale in
 between; the merged modes build each row's A' and B' once per routing step (einsum over the stacks) and then
-apply them with bmm / baddbmm. Under `exact`, rows routed inside the layer (`layer_router`, Arrow) get their
-weights per token from the layer's own input instead: w_i(x) in place of w_i.
+apply them with bmm / baddbmm. Under `exact`, rows routed inside the layer (`layer_router`: Arrow, SpectR) get
+their weights per token from the layer's own input instead: w_i(x) in place of w_i.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from loramix.adapters import ExpertAdapter
 from loramix.errors import LoramixError
-from loramix.layer_router import ARROW_TEMPERATURE, ARROW_TOP_K, arrow_weights, top_right_singular_vector
+from loramix.layer_router import expert_spectrum, layer_weights
 
 MERGE_MODES = ("exact", "linear", "paper")
 DEFAULT_MERGE = "exact"
@@ -49,7 +49,7 @@ class MixtureState:
         self.coef_a: torch.Tensor | None = None  # [b, n]: weights of the A side
         self.coef_b: torch.Tensor | None = None  # [b, n]: weights of the B side (merged modes)
         self.scale_a: torch.Tensor | None = None  # [b, 1, R]: coef_a spread over each expert's rank columns
-        self.layer_rows: torch.Tensor | None = None  # [b, 1, 1] bool: rows routed inside each layer (Arrow)
+        self.layer_rows: torch.Tensor | None = None  # [b, 1, 1]: each row's in-layer rule (LAYER_RULES), 0 none
         self.layer_record: list[torch.Tensor] = []  # each layer's [b, n] weights of the last position
 
     @property
@@ -101,37 +101,38 @@ class MixtureState:
 class MixtureLinear(nn.Module):
     """A base Linear plus the routed mixture of all experts' LoRA deltas."""
 
-    def __init__(self, base: nn.Module, lora_A, lora_B, state: MixtureState, prototypes: torch.Tensor | None = None):
+    def __init__(self, base: nn.Module, lora_A, lora_B, state: MixtureState, prototypes=None, gram=None):
         super().__init__()
         self.base = base
         self.register_buffer("lora_A", lora_A, persistent=False)  # [R, in]: experts' A stacked by rows
         self.register_buffer("lora_B", lora_B, persistent=False)  # [out, R]: experts' B stacked by columns
-        self.register_buffer("prototypes", prototypes, persistent=False)  # [n, in]: for routing inside the layer
+        self.register_buffer("prototypes", prototypes, persistent=False)  # [n, in]: Arrow's, inside the layer
+        self.register_buffer("gram", gram, persistent=False)  # [R, R] block-diagonal: SpectR's, inside the layer
         self.state = state
         self._factors_version = -1
         self._merged_A: torch.Tensor | None = None  # [b, in, r]: (sum_i a_i A_i)^T per row
         self._merged_B: torch.Tensor | None = None  # [b, r, out]: (sum_j b_j B_j)^T per row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        state = self.state
+        out, state = self.base(x), self.state
         if not state.enabled:
             return out
         if state.coef_b is None:  # exact: two matmuls against the stacks, the per-row scale in between
-            scale = state.scale_a if state.layer_rows is None else self._layer_scale(x)
-            h = nn.functional.linear(x, self.lora_A).mul_(scale)
+            h = nn.functional.linear(x, self.lora_A)
+            h.mul_(state.scale_a if state.layer_rows is None else self._layer_scale(x, h))
             return out.add_(nn.functional.linear(h, self.lora_B))
         if self._factors_version != state.version:
             self._build_merged_factors()
         return torch.baddbmm(out, torch.bmm(x, self._merged_A), self._merged_B)
 
-    def _layer_scale(self, x: torch.Tensor) -> torch.Tensor:
+    def _layer_scale(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """[b, t, R]: each token's scale, from this layer's own routing for the rows that use it."""
-        state, weights = self.state, arrow_weights(x, self.prototypes, ARROW_TOP_K, ARROW_TEMPERATURE)  # [b, t, n]
+        state = self.state
+        weights = layer_weights(state.layer_rows, x, h, self.prototypes, self.gram, state.ranks)  # [b, t, n]
         state.layer_record.append(weights[:, -1])
         scaled = (weights * state.scalings.to(weights.device)).to(x.dtype)
         scaled = scaled.repeat_interleave(torch.tensor(state.ranks, device=x.device), dim=-1)
-        return torch.where(state.layer_rows, scaled, state.scale_a)
+        return torch.where(state.layer_rows > 0, scaled, state.scale_a)
 
     def _build_merged_factors(self) -> None:
         """Merged modes: A' = sum_i a_i A_i and B' = sum_j b_j B_j for every row, once per routing step."""
@@ -145,25 +146,22 @@ class MixtureLinear(nn.Module):
 
 
 def _stack(experts: list[ExpertAdapter], module_name: str, base: nn.Module):
-    """The experts' A and B of one module stacked, and each expert's prototype there (zeros if it does not adapt it)."""
+    """The experts' A and B of one module stacked, and each one's Arrow prototype and SpectR gram block there (zeros
+    for an expert that does not adapt this module: it contributes nothing here)."""
     in_features, out_features = base.in_features, base.out_features
-    blocks_A, blocks_B, prototypes = [], [], []
+    parts = []
     for expert in experts:
         pair = expert.modules.get(module_name)
-        if pair is None:  # this expert does not adapt this module: it contributes nothing here
-            blocks_A.append(torch.zeros(expert.rank, in_features))
-            blocks_B.append(torch.zeros(out_features, expert.rank))
-            prototypes.append(torch.zeros(in_features))
-            continue
-        if pair.A.shape[1] != in_features or pair.B.shape[0] != out_features:
+        A = pair.A if pair else torch.zeros(expert.rank, in_features)
+        B = pair.B if pair else torch.zeros(out_features, expert.rank)
+        if A.shape[1] != in_features or B.shape[0] != out_features:
             raise LoramixError(
                 f"Expert '{expert.name}' does not fit this base model: {module_name} is {in_features}->{out_features} "
-                f"but the adapter is {pair.A.shape[1]}->{pair.B.shape[0]}. It was trained on another base model."
+                f"but the adapter is {A.shape[1]}->{B.shape[0]}. It was trained on another base model."
             )
-        blocks_A.append(pair.A)
-        blocks_B.append(pair.B)
-        prototypes.append(top_right_singular_vector(pair.A, pair.B))
-    return torch.cat(blocks_A, dim=0), torch.cat(blocks_B, dim=1), torch.stack(prototypes)
+        parts.append((A, B, *expert_spectrum(A, B)))
+    blocks_A, blocks_B, prototypes, grams = zip(*parts)
+    return torch.cat(blocks_A, dim=0), torch.cat(blocks_B, dim=1), torch.stack(prototypes), torch.block_diag(*grams)
 
 
 def attach_experts(model: nn.Module, experts: list[ExpertAdapter], mode: str = "exact") -> MixtureState:
@@ -186,8 +184,9 @@ def attach_experts(model: nn.Module, experts: list[ExpertAdapter], mode: str = "
         base = modules[name]
         if not hasattr(base, "in_features"):
             raise LoramixError(f"Module {name} is a {type(base).__name__}; only Linear layers can carry experts.")
-        lora_A, lora_B, prototypes = _stack(experts, name, base)
-        mixed = MixtureLinear(base, lora_A.to(reference), lora_B.to(reference), state, prototypes.to(reference))
+        A, B, prototypes, gram = _stack(experts, name, base)
+        A, B, prototypes, gram = (tensor.to(reference) for tensor in (A, B, prototypes, gram))
+        mixed = MixtureLinear(base, A, B, state, prototypes, gram)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, mixed)
     return state

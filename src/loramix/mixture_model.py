@@ -128,8 +128,8 @@ class RoutedModel:
 
         weights: [batch, n_experts] routing weights for this pass (None: experts off); merge: the merge mode
         (None: the model's). Both are set on the shared mixture layers inside the same lock as the pass.
-        layer_rows: [batch] bool, the rows routed inside each layer (`route=arrow`); their weights for the next token,
-        averaged over the layers, are left in `last_layer_weights` [batch, n_experts].
+        layer_rows: [batch], each row's rule of routing inside each layer (`runner._layer_rows`); their weights for
+        the next token, averaged over the layers, are left in `last_layer_weights` [batch, n_experts].
         """
         from transformers import DynamicCache
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loramix.errors import LoramixError, OptionError
+from loramix.layer_router import LAYER_RULES
 from loramix.models import DEFAULT_EMBEDDER, resolve_embedder
 
 PAPER_TEMPERATURE = 4.0
@@ -167,8 +168,8 @@ class RoutePolicy:
     """How weights are chosen during generation.
 
     kind: "dynamic" (re-route from the text every k tokens), "prompt" (route once on the prompt),
-    "fixed" (constant weights, no embedding at all), "layer" (each layer routes each token itself: Arrow) or "base"
-    (experts off).
+    "fixed" (constant weights, no embedding at all), "layer" (each layer routes each token itself: Arrow, SpectR) or
+    "base" (experts off).
     """
 
     spec: str
@@ -179,6 +180,7 @@ class RoutePolicy:
     window: int | None = None  # route on the last `window` tokens only (dynamic policies), not the whole text
     window_head: int = 0  # ... plus the prompt's first `window_head` tokens
     hidden_layer: int | None = None  # route on the base model's layer-L hidden states, not on embedded text
+    layer_rule: str | None = None  # kind "layer": the rule each layer routes by (`layer_router.LAYER_RULES`)
 
     def routing_ids(self, prompt_ids: list[int], generated: list[int]) -> list[int]:
         """The token ids whose text the router embeds at a routing step."""
@@ -207,7 +209,8 @@ DEFAULT_EVERY_K = 1
 ROUTE_HELP = (
     f"hidden (the default: {HIDDEN_POLICY}), hidden:L/RULE, boost[:T] (the paper's rule; also 'paper'), softmax[:T], "
     "peak[:T] (softmax scaled so the top expert is at 1), top1, topk:K[:T], "
-    "window:W[+P]/RULE, prompt[:RULE], arrow (per layer, per token), base, uniform, oracle:NAME, fixed:w1,w2,..."
+    "window:W[+P]/RULE, prompt[:RULE], arrow or spectr (per layer, per token), base, uniform, oracle:NAME, "
+    "fixed:w1,w2,..."
 )
 
 
@@ -317,8 +320,8 @@ def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
         return RoutePolicy(spec, "prompt", rule=rule)
     if spec == "base":
         return RoutePolicy(spec, "base")
-    if spec == "arrow":  # routed inside each layer from its own input (`layer_router`)
-        return RoutePolicy(spec, "layer")
+    if spec in LAYER_RULES:  # routed inside each layer from its own input (`layer_router`)
+        return RoutePolicy(spec, "layer", layer_rule=spec)
     if spec == "uniform":
         return RoutePolicy(spec, "fixed", fixed=tuple([1.0 / n] * n))
     if name == "oracle":

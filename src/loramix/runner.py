@@ -16,6 +16,7 @@ import torch
 
 from loramix.errors import LoramixError
 from loramix.hidden_router import masked_sum
+from loramix.layer_router import LAYER_RULES
 from loramix.scheduler import ROUTING, PrefillJob, Work
 from loramix.sequences import SequenceState
 
@@ -119,8 +120,8 @@ def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_rows(seqs: list[SequenceState]) -> torch.Tensor | None:
-    """[b] bool of the rows routed inside each layer (Arrow), or None when there are none."""
-    rows = [seq.policy.kind == "layer" for seq in seqs]
+    """[b]: each row's in-layer routing rule (1 + its index in LAYER_RULES; 0 for the others), None when none is."""
+    rows = [LAYER_RULES.index(seq.policy.layer_rule) + 1 if seq.policy.kind == "layer" else 0 for seq in seqs]
     return torch.tensor(rows) if any(rows) else None
 
 

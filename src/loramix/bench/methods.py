@@ -297,8 +297,9 @@ def method_table(quick: bool) -> dict[str, Callable]:
             name, function = ours_method(decode, k)
             methods[name] = function
         methods["ours cached k=1 fp32 router"] = run_ours_fp32_router
-        # the default (hidden states), the cheapest hidden policy, the sharper and the windowed MiniLM router
-        for route in ("hidden", "hidden:2/top1", "top1", "window:48+16/top1"):
+        # the default (hidden states), the cheapest hidden policy, the sharper and the windowed MiniLM router, and
+        # the two in-layer routers
+        for route in ("hidden", "hidden:2/top1", "top1", "window:48+16/top1", "arrow", "spectr"):
             methods[f"ours cached k=1 {route}"] = lambda ctx, p, n, route=route: run_ours(ctx, p, n, route=route)
     return methods
 
