@@ -97,7 +97,8 @@ def loss_table(matrix: dict) -> Table:
         table.add_column(f"{task} (n={matrix['tasks'][task]['n']})", justify="right")
     for model in matrix["models"]:
         cells = [matrix["tasks"][t]["loss"].get(model) for t in matrix["tasks"]]
-        table.add_row(model, *(f"{c['mean']:.3f}" if c else "" for c in cells))
+        if any(cells):  # (no oracle row where no task has its own expert)
+            table.add_row(model, *(f"{c['mean']:.3f}" if c else "" for c in cells))
     return table
 
 

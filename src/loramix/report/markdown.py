@@ -254,10 +254,11 @@ def _render_answer_loss(matrix: dict, own: dict[str, str]) -> list[str]:
             cells.append(f"**{text}**" if text and own.get(task) == model else text)
         if any(cells):
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines += ["", "Each task's own expert minus the base model, paired over the same items:", ""]
-    for task in tasks:
-        model = own.get(task)
-        cell = matrix["tasks"][task]["vs"].get("base", {}).get(model) if model else None
+    own_vs_base = [(task, own[task]) for task in tasks if task in own]
+    if own_vs_base:
+        lines += ["", "Each task's own expert minus the base model, paired over the same items:", ""]
+    for task, model in own_vs_base:
+        cell = matrix["tasks"][task]["vs"].get("base", {}).get(model)
         if cell:
             low, high = cell["ci"]
             lines.append(

