@@ -39,7 +39,9 @@ convert)
   base=$($PY -c "from loramix.models import resolve_base_model; print(resolve_base_model('smollm2-135m'))")
   bundle=$($PY -c "from loramix.bundle import resolve_bundle; print(resolve_bundle(None))")
   mkdir -p "$WORK/gguf"
-  export PYTHONPATH=$SRC/gguf-py
+  # the converters import sentencepiece even for a BPE tokenizer; kept beside them, not in loramix's environment
+  [ -d "$WORK/pydeps/sentencepiece" ] || $PY -m pip install --quiet --target "$WORK/pydeps" sentencepiece
+  export PYTHONPATH=$SRC/gguf-py:$WORK/pydeps
   for type in f32 bf16; do
     $PY "$SRC/convert_hf_to_gguf.py" "$base" --outtype $type --outfile "$WORK/gguf/base-$type.gguf"
   done
