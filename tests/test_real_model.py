@@ -183,11 +183,11 @@ def test_bf16_keeps_the_routing_and_most_greedy_answers_of_fp32():
             exact.token_ids[shared] == half.token_ids[shared]
         ):
             shared += 1
-        exact_weights, half_weights = torch.tensor(exact.weights[:shared]), torch.tensor(half.weights[:shared])
+        exact_weights, half_weights = exact.weights[:shared].float(), half.weights[:shared].float()
         if shared:
             assert torch.equal(exact_weights.argmax(dim=-1), half_weights.argmax(dim=-1))
             assert (exact_weights - half_weights).abs().max() < 0.03
-        first_exact, first_half = torch.tensor(exact.weights[0]), torch.tensor(half.weights[0])  # the prompt's
+        first_exact, first_half = exact.weights[0].float(), half.weights[0].float()  # the prompt's
         assert first_exact.argmax() == first_half.argmax() and (first_exact - first_half).abs().max() < 0.03
         same_answers += exact.token_ids == half.token_ids
     assert same_answers >= 2
