@@ -129,3 +129,57 @@ def test_spectr_in_the_engine_batches_beside_other_routes_and_matches_alone(tiny
     mixed = beside.results()
     assert mixed[0].token_ids == alone[0].token_ids and torch.allclose(mixed[0].weights, alone[0].weights, atol=1e-6)
     assert mixed[1].token_ids == arrow[1].token_ids
+
+
+def test_a_prior_adds_its_log_to_the_scores_and_a_flat_one_changes_nothing():
+    from loramix.layer_router import layer_weights
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 8, generator=generator)
+    prototypes = torch.randn(4, 8, generator=generator)
+    rows = torch.tensor([1, 1]).view(-1, 1, 1)  # both rows Arrow
+    unused = torch.zeros(2, 3, 4)
+    flat = torch.full((2, 1, 4), 0.25).log()
+    alone = arrow_weights(x, prototypes, top_k=3, temperature=1.0)
+    assert torch.allclose(layer_weights(rows, x, unused, prototypes, None, [1] * 4, flat), alone, atol=1e-6)
+    prior = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.0, 0.0, 1.0, 0.0]]).unsqueeze(1)
+    ours = layer_weights(rows, x, unused, prototypes, None, [1] * 4, prior.log())
+    scores = (x @ prototypes.T).abs() + prior.log()
+    top = scores[0].topk(3, dim=-1)
+    expected = torch.zeros(3, 4).scatter(-1, top.indices, top.values.softmax(dim=-1))
+    assert torch.allclose(ours[0], expected, atol=1e-6) and not torch.allclose(ours[0], alone[0])
+    assert torch.equal(ours[1], torch.tensor([0.0, 0.0, 1.0, 0.0]).expand(3, 4))  # a one-hot prior decides alone
+
+
+def test_a_prompt_prior_times_each_layers_evidence_in_the_engine(tiny_mixture):
+    """prompt:RULE+spectr: routed once on the prompt, then per token in each layer under that prior. A one-hot
+    prior (top1) is the prompt's expert alone in every layer; a soft one differs from both of its parts; rows of
+    it batch beside other routes as alone."""
+    options = GenerationOptions(max_new_tokens=6, min_new_tokens=6)
+    top1 = tiny_mixture.generate(PROMPTS, replace(options, route="prompt:top1"))
+    top1_in_layers = tiny_mixture.generate(PROMPTS, replace(options, route="prompt:top1+spectr"))
+    for a, b in zip(top1, top1_in_layers):
+        assert a.token_ids == b.token_ids and torch.equal(a.weights, b.weights)
+    combined = replace(options, route="prompt:softmax:0.5+spectr")
+    alone = tiny_mixture.generate(PROMPTS, combined)
+    spectr = tiny_mixture.generate(PROMPTS, replace(options, route="spectr"))
+    prompt = tiny_mixture.generate(PROMPTS, replace(options, route="prompt:softmax:0.5"))
+    for result, in_layers, at_prompt in zip(alone, spectr, prompt):
+        assert torch.allclose(result.weights.sum(dim=1), torch.ones(6), atol=1e-5)
+        assert not torch.allclose(result.weights, in_layers.weights) and not torch.allclose(result.weights,
+                                                                                            at_prompt.weights)
+    beside = GenerationStream(tiny_mixture, PROMPTS, options, per_prompt=[replace(options, route="arrow"), combined])
+    for _ in beside:
+        pass
+    assert beside.results()[1].token_ids == alone[1].token_ids
+    assert torch.allclose(beside.results()[1].weights, alone[1].weights, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [("prompt:softmax:0.1+peak", "after '\\+' comes a rule of each layer, arrow or spectr"),
+     ("prompt:nonsense+spectr", "'nonsense' is not a routing rule")],
+)  # fmt: skip
+def test_a_combined_route_that_is_not_one_says_what_goes_where(tiny_mixture, route, message):
+    with pytest.raises(LoramixError, match=message):
+        tiny_mixture.generate(PROMPTS[0], route=route, max_new_tokens=2)

@@ -104,8 +104,9 @@ class Engine:
                 continue
             if seq.policy.kind == "fixed":
                 seq.weights = torch.tensor(seq.policy.fixed, dtype=torch.float32)
-            elif seq.policy.kind == "layer":  # until its first pass says otherwise (and so the experts are on)
-                seq.weights = torch.full((seq.policy.n_experts,), 1.0 / seq.policy.n_experts)
+            elif seq.policy.layer_rule is not None:  # each layer's prior: the prompt's weights, else flat
+                flat = torch.full((seq.policy.n_experts,), 1.0 / seq.policy.n_experts)
+                seq.prior = seq.weights = seq.weights if seq.policy.kind == "prompt" else flat
             stage = ROUTING if seq.policy.hidden_layer is not None else MIXTURE
             self.scheduler.prefill(seq, seq.prompt_ids, seq.options.merge or self.mx.merge, stage)
 

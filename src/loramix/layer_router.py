@@ -15,6 +15,12 @@ scale, and the other directions add in proportion to their singular values):
     w(x) = softmax(topk(score(x)) / T)        (k = 3, T = 1, as Arrow)
 
 h = A x is what the mixture layer computes anyway, so SpectR costs one [R, R] product per token and layer.
+
+Either rule can take a prior p over the experts, the row's weights from routing its prompt (`--route
+prompt:RULE+spectr`: task-level evidence from the prompt, token-level from each layer, as GLIDER and LORAUTER argue).
+The prior multiplies the rule's softmax, i.e. its log adds to the scores:
+
+    w(x) = softmax(topk(score(x) / T + log p))     (Arrow and SpectR alone: p uniform, which changes nothing)
 `route=arrow` and `route=spectr` run in loramix's engine, batched beside every other route; the eval config `arrow`
 runs PEFT's own Arrow (`baselines.py`), which `route=arrow` is tested against.
 """
@@ -52,9 +58,14 @@ def top_k_softmax(scores: torch.Tensor, top_k: int, temperature: float) -> torch
     return weights.scatter(-1, top.indices, (top.values / temperature).softmax(dim=-1))
 
 
+def arrow_scores(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """x [..., in], prototypes [n, in] -> [..., n] scores |<x, v_i>|."""
+    return (x @ prototypes.T.to(x.dtype)).abs().float()
+
+
 def arrow_weights(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
     """x [..., in], prototypes [n, in] -> [..., n] weights: softmax over the top-k |<x, v_i>|, the others 0."""
-    return top_k_softmax((x @ prototypes.T.to(x.dtype)).abs().float(), top_k, temperature)
+    return top_k_softmax(arrow_scores(x, prototypes), top_k, temperature)
 
 
 def spectr_scores(h: torch.Tensor, gram: torch.Tensor, ranks: list[int]) -> torch.Tensor:
@@ -64,13 +75,13 @@ def spectr_scores(h: torch.Tensor, gram: torch.Tensor, ranks: list[int]) -> torc
     return per_expert.clamp_(min=0).sqrt_()
 
 
-def layer_weights(rules, x: torch.Tensor, h: torch.Tensor, prototypes, gram, ranks: list[int]) -> torch.Tensor:
+def layer_weights(rules, x: torch.Tensor, h: torch.Tensor, prototypes, gram, ranks: list[int], log_prior) -> torch.Tensor:
     """[b, t, n]: each row's weights by its rule code (`LAYER_RULES`; rows of code 0 get zeros, their own weights
-    apply). Only the rules some row uses are computed."""
+    apply), under its prior (log_prior [b, 1, n]). Only the rules some row uses are computed."""
     weights = torch.zeros(*h.shape[:-1], len(ranks), device=h.device)
-    if (rules == 1).any():
-        weights = torch.where(rules == 1, arrow_weights(x, prototypes, ARROW_TOP_K, ARROW_TEMPERATURE), weights)
-    if (rules == 2).any():
-        scores = spectr_scores(h, gram, ranks)
-        weights = torch.where(rules == 2, top_k_softmax(scores, ARROW_TOP_K, ARROW_TEMPERATURE), weights)
+    for code, rule in enumerate(LAYER_RULES, start=1):
+        if (rules == code).any():
+            scores = arrow_scores(x, prototypes) if rule == "arrow" else spectr_scores(h, gram, ranks)
+            scores = scores / ARROW_TEMPERATURE + log_prior
+            weights = torch.where(rules == code, top_k_softmax(scores, ARROW_TOP_K, 1.0), weights)
     return weights

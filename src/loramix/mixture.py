@@ -9,9 +9,9 @@ With expert i having A_i [r_i, in], B_i [out, r_i], scaling s_i and routing weig
            first spelled `paper`, which still works)
 
 All three are two small matmuls per token: `exact` multiplies by the stacked matrices with a per-row scale in
-between; the merged modes build each row's A' and B' once per routing step (einsum over the stacks) and then
-apply them with bmm / baddbmm. Under `exact`, rows routed inside the layer (`layer_router`: Arrow, SpectR) get
-their weights per token from the layer's own input instead: w_i(x) in place of w_i.
+between; the merged modes build each row's A' and B' once per routing step and apply them with bmm / baddbmm.
+Under `exact`, rows routed inside the layer (`layer_router`: Arrow, SpectR) get their weights per token from the
+layer's own input, w_i(x) in place of w_i, their w_i then being its prior.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class MixtureState:
 
     def __init__(self, ranks: list[int], scalings: list[float], mode: str = DEFAULT_MERGE):
         self.ranks = ranks
+        self.n_experts = len(ranks)
         self.scalings = torch.tensor(scalings, dtype=torch.float32)
         self.version = 0  # bumped by every change, so layers rebuild their per-row factors lazily
         self.enabled = False  # experts off until weights are set
@@ -50,11 +51,8 @@ class MixtureState:
         self.coef_b: torch.Tensor | None = None  # [b, n]: weights of the B side (merged modes)
         self.scale_a: torch.Tensor | None = None  # [b, 1, R]: coef_a spread over each expert's rank columns
         self.layer_rows: torch.Tensor | None = None  # [b, 1, 1]: each row's in-layer rule (LAYER_RULES), 0 none
+        self.log_prior: torch.Tensor | None = None  # [b, 1, n]: log of the weights, the in-layer rules' prior
         self.layer_record: list[torch.Tensor] = []  # each layer's [b, n] weights of the last position
-
-    @property
-    def n_experts(self) -> int:
-        return len(self.ranks)
 
     def check_mode(self, mode: str) -> None:
         """Refuse a merge mode these experts cannot be mixed in."""
@@ -91,6 +89,7 @@ class MixtureState:
             coef_a, coef_b = root * scaled.sign(), root  # the sign goes on one side only, as PEFT does
         else:  # paper
             coef_a, coef_b = scaled, torch.ones_like(scaled)
+        self.log_prior = weights.float().log().unsqueeze(1).to(device)
         self.coef_a = coef_a.to(device=device, dtype=dtype)
         self.coef_b = None if coef_b is None else coef_b.to(device=device, dtype=dtype)
         ranks = torch.tensor(self.ranks, device=device)
@@ -128,7 +127,7 @@ class MixtureLinear(nn.Module):
     def _layer_scale(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """[b, t, R]: each token's scale, from this layer's own routing for the rows that use it."""
         state = self.state
-        weights = layer_weights(state.layer_rows, x, h, self.prototypes, self.gram, state.ranks)  # [b, t, n]
+        weights = layer_weights(state.layer_rows, x, h, self.prototypes, self.gram, state.ranks, state.log_prior)
         state.layer_record.append(weights[:, -1])
         scaled = (weights * state.scalings.to(weights.device)).to(x.dtype)
         scaled = scaled.repeat_interleave(torch.tensor(state.ranks, device=x.device), dim=-1)

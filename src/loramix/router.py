@@ -31,7 +31,7 @@ RULE_ALIASES = {"boost": "paper"}
 
 def canonical_route(spec: str) -> str:
     """A route spec with every rule alias in its first spelling (what results are named and keyed by)."""
-    return re.sub(r"(^|[:/])boost(?=$|:)", r"\1paper", spec)
+    return re.sub(r"(^|[:/])boost(?=$|[:+])", r"\1paper", spec)
 
 
 def bf16_routing_pays(device: str | torch.device) -> bool:
@@ -169,7 +169,8 @@ class RoutePolicy:
 
     kind: "dynamic" (re-route from the text every k tokens), "prompt" (route once on the prompt),
     "fixed" (constant weights, no embedding at all), "layer" (each layer routes each token itself: Arrow, SpectR) or
-    "base" (experts off).
+    "base" (experts off). A "prompt" policy with a `layer_rule` is both: the prompt's weights are a prior that each
+    layer's own evidence multiplies, token by token (`layer_router`).
     """
 
     spec: str
@@ -180,7 +181,8 @@ class RoutePolicy:
     window: int | None = None  # route on the last `window` tokens only (dynamic policies), not the whole text
     window_head: int = 0  # ... plus the prompt's first `window_head` tokens
     hidden_layer: int | None = None  # route on the base model's layer-L hidden states, not on embedded text
-    layer_rule: str | None = None  # kind "layer": the rule each layer routes by (`layer_router.LAYER_RULES`)
+    layer_rule: str | None = None  # the rule each layer routes by (`layer_router.LAYER_RULES`): kind "layer", or a
+    # "prompt" policy whose weights are the layers' prior
 
     def routing_ids(self, prompt_ids: list[int], generated: list[int]) -> list[int]:
         """The token ids whose text the router embeds at a routing step."""
@@ -209,7 +211,8 @@ DEFAULT_EVERY_K = 1
 ROUTE_HELP = (
     f"hidden (the default: {HIDDEN_POLICY}), hidden:L/RULE, boost[:T] (the paper's rule; also 'paper'), softmax[:T], "
     "peak[:T] (softmax scaled so the top expert is at 1), top1, topk:K[:T], "
-    "window:W[+P]/RULE, prompt[:RULE], arrow or spectr (per layer, per token), base, uniform, oracle:NAME, "
+    "window:W[+P]/RULE, prompt[:RULE], arrow or spectr (per layer, per token), prompt[:RULE]+arrow|spectr (the "
+    "prompt's weights as each layer's prior), base, uniform, oracle:NAME, "
     "fixed:w1,w2,..."
 )
 
@@ -299,6 +302,19 @@ def _parse_window(spec: str) -> RoutePolicy:
     return RoutePolicy(spec, "dynamic", rule=rule, window=window, window_head=window_head)
 
 
+def _parse_prompt(spec: str) -> RoutePolicy:
+    """prompt[:RULE] routes once on the prompt; prompt[:RULE]+arrow|spectr makes those weights the prior of each
+    layer's own per-token rule."""
+    head, plus, layer_rule = spec.partition("+")
+    if plus and layer_rule not in LAYER_RULES:
+        raise LoramixError(f"Route '{spec}': after '+' comes a rule of each layer, {' or '.join(LAYER_RULES)}.")
+    _, _, arg = head.partition(":")
+    rule = _parse_rule(arg or "boost")
+    if rule is None:
+        raise LoramixError(f"Route '{spec}': '{arg}' is not a routing rule (paper[:T], softmax[:T], top1, topk:K[:T]).")
+    return RoutePolicy(spec, "prompt", rule=rule, layer_rule=layer_rule or None)
+
+
 def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     n = len(expert_names)
     if spec == "hidden":
@@ -311,13 +327,8 @@ def _parse_policy(spec: str, expert_names: Sequence[str]) -> RoutePolicy:
     if rule is not None:
         return RoutePolicy(spec, "dynamic", rule=rule)
     name, _, arg = spec.partition(":")
-    if name == "prompt":
-        rule = _parse_rule(arg or "boost")
-        if rule is None:
-            raise LoramixError(
-                f"Route '{spec}': '{arg}' is not a routing rule (paper[:T], softmax[:T], top1, topk:K[:T])."
-            )
-        return RoutePolicy(spec, "prompt", rule=rule)
+    if name == "prompt" or name.startswith("prompt+"):
+        return _parse_prompt(spec)
     if spec == "base":
         return RoutePolicy(spec, "base")
     if spec in LAYER_RULES:  # routed inside each layer from its own input (`layer_router`)

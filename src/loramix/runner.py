@@ -80,11 +80,13 @@ class Lane:
 
 
 def stacked_weights(seqs: list[SequenceState]) -> torch.Tensor | None:
-    """[b, n_experts] of these sequences' weights (zeros for experts off), or None when every one has them off."""
-    if not any(seq.weights is not None for seq in seqs):
+    """[b, n_experts] of these sequences' weights (zeros for experts off; in-layer routing: its prior), or None when
+    every one has them off."""
+    rows = [seq.prior if seq.prior is not None else seq.weights for seq in seqs]
+    if all(row is None for row in rows):
         return None
     n = seqs[0].policy.n_experts
-    return torch.stack([s.weights if s.weights is not None else torch.zeros(n) for s in seqs])
+    return torch.stack([row if row is not None else torch.zeros(n) for row in rows])
 
 
 def _plain_layers(cache) -> bool:
@@ -121,7 +123,7 @@ def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
 
 def _layer_rows(seqs: list[SequenceState]) -> torch.Tensor | None:
     """[b]: each row's in-layer routing rule (1 + its index in LAYER_RULES; 0 for the others), None when none is."""
-    rows = [LAYER_RULES.index(seq.policy.layer_rule) + 1 if seq.policy.kind == "layer" else 0 for seq in seqs]
+    rows = [LAYER_RULES.index(seq.policy.layer_rule) + 1 if seq.policy.layer_rule else 0 for seq in seqs]
     return torch.tensor(rows) if any(rows) else None
 
 
@@ -129,7 +131,7 @@ def _take_layer_weights(mixture, seqs: list[SequenceState]) -> None:
     """In-layer routing's weights (mean over layers) of the token each such row predicts next: what produced it."""
     if mixture.last_layer_weights is not None:
         for row, seq in enumerate(seqs):
-            if seq.policy.kind == "layer":
+            if seq.policy.layer_rule is not None:
                 seq.weights = mixture.last_layer_weights[row]
 
 

@@ -178,6 +178,7 @@ class SequenceState:
     hidden_sum: torch.Tensor | None = None  # hidden routing: sum of the layer-L states of the tokens processed
     hidden_count: int = 0
     weights: torch.Tensor | None = None  # [n_experts] now in force, None = experts off
+    prior: torch.Tensor | None = None  # in-layer routing: [n_experts] each layer's prior (flat, or the prompt's)
     token_ids: list[int] = field(default_factory=list)
     weight_rows: list[torch.Tensor] = field(default_factory=list)
     reroutes: list[int] = field(default_factory=list)
@@ -302,7 +303,7 @@ def new_sequence(mixture, prompt: str | list[int], options: GenerationOptions, i
             mixture.state.check_mode(options.merge)
         except LoramixError as exc:
             raise OptionError("merge", sentence=str(exc)) from None
-    if policy.kind == "layer" and (options.merge or mixture.merge) != "exact":
+    if policy.layer_rule is not None and (options.merge or mixture.merge) != "exact":
         raise OptionError("route", sentence=f"Route '{options.route}' routes inside each layer, which only the "
                           "exact merge mode can do; use --merge exact.")  # fmt: skip
     tokenizer = mixture.tokenizer
