@@ -141,9 +141,9 @@ def test_a_prior_adds_its_log_to_the_scores_and_a_flat_one_changes_nothing():
     unused = torch.zeros(2, 3, 4)
     flat = torch.full((2, 1, 4), 0.25).log()
     alone = arrow_weights(x, prototypes, top_k=3, temperature=1.0)
-    assert torch.allclose(layer_weights(rows, x, unused, prototypes, None, [1] * 4, flat), alone, atol=1e-6)
+    assert torch.allclose(layer_weights(rows, (1,), x, unused, prototypes, None, [1] * 4, flat), alone, atol=1e-6)
     prior = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.0, 0.0, 1.0, 0.0]]).unsqueeze(1)
-    ours = layer_weights(rows, x, unused, prototypes, None, [1] * 4, prior.log())
+    ours = layer_weights(rows, (1,), x, unused, prototypes, None, [1] * 4, prior.log())
     scores = (x @ prototypes.T).abs() + prior.log()
     top = scores[0].topk(3, dim=-1)
     expected = torch.zeros(3, 4).scatter(-1, top.indices, top.values.softmax(dim=-1))
@@ -166,8 +166,8 @@ def test_a_prompt_prior_times_each_layers_evidence_in_the_engine(tiny_mixture):
     prompt = tiny_mixture.generate(PROMPTS, replace(options, route="prompt:softmax:0.5"))
     for result, in_layers, at_prompt in zip(alone, spectr, prompt):
         assert torch.allclose(result.weights.sum(dim=1), torch.ones(6), atol=1e-5)
-        assert not torch.allclose(result.weights, in_layers.weights) and not torch.allclose(result.weights,
-                                                                                            at_prompt.weights)
+        assert not torch.allclose(result.weights, in_layers.weights)
+        assert not torch.allclose(result.weights, at_prompt.weights)
     beside = GenerationStream(tiny_mixture, PROMPTS, options, per_prompt=[replace(options, route="arrow"), combined])
     for _ in beside:
         pass

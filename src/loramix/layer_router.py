@@ -75,13 +75,14 @@ def spectr_scores(h: torch.Tensor, gram: torch.Tensor, ranks: list[int]) -> torc
     return per_expert.clamp_(min=0).sqrt_()
 
 
-def layer_weights(rules, x: torch.Tensor, h: torch.Tensor, prototypes, gram, ranks: list[int], log_prior) -> torch.Tensor:
-    """[b, t, n]: each row's weights by its rule code (`LAYER_RULES`; rows of code 0 get zeros, their own weights
-    apply), under its prior (log_prior [b, 1, n]). Only the rules some row uses are computed."""
+def layer_weights(rules, codes, x: torch.Tensor, h: torch.Tensor, prototypes, gram, ranks: list[int], log_prior):
+    """[b, t, n]: each row's weights by its rule code (rules [b, 1, 1], `LAYER_RULES`; rows of code 0 get zeros,
+    their own weights apply), under its prior (log_prior [b, 1, n]). Only the rules in `codes` (those some row
+    uses, known on the host: no device sync per layer) are computed."""
     weights = torch.zeros(*h.shape[:-1], len(ranks), device=h.device)
-    for code, rule in enumerate(LAYER_RULES, start=1):
-        if (rules == code).any():
-            scores = arrow_scores(x, prototypes) if rule == "arrow" else spectr_scores(h, gram, ranks)
-            scores = scores / ARROW_TEMPERATURE + log_prior
-            weights = torch.where(rules == code, top_k_softmax(scores, ARROW_TOP_K, 1.0), weights)
+    for code in codes:
+        rule = LAYER_RULES[code - 1]
+        scores = arrow_scores(x, prototypes) if rule == "arrow" else spectr_scores(h, gram, ranks)
+        scores = scores / ARROW_TEMPERATURE + log_prior
+        weights = torch.where(rules == code, top_k_softmax(scores, ARROW_TOP_K, 1.0), weights)
     return weights

@@ -45,12 +45,12 @@ class MixtureState:
         self.scalings = torch.tensor(scalings, dtype=torch.float32)
         self.version = 0  # bumped by every change, so layers rebuild their per-row factors lazily
         self.enabled = False  # experts off until weights are set
-        self.mode = "exact"
         self.set_mode(mode)
         self.coef_a: torch.Tensor | None = None  # [b, n]: weights of the A side
         self.coef_b: torch.Tensor | None = None  # [b, n]: weights of the B side (merged modes)
         self.scale_a: torch.Tensor | None = None  # [b, 1, R]: coef_a spread over each expert's rank columns
         self.layer_rows: torch.Tensor | None = None  # [b, 1, 1]: each row's in-layer rule (LAYER_RULES), 0 none
+        self.layer_codes: tuple[int, ...] = ()  # the rule codes present in layer_rows
         self.log_prior: torch.Tensor | None = None  # [b, 1, n]: log of the weights, the in-layer rules' prior
         self.layer_record: list[torch.Tensor] = []  # each layer's [b, n] weights of the last position
 
@@ -127,7 +127,8 @@ class MixtureLinear(nn.Module):
     def _layer_scale(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """[b, t, R]: each token's scale, from this layer's own routing for the rows that use it."""
         state = self.state
-        weights = layer_weights(state.layer_rows, x, h, self.prototypes, self.gram, state.ranks, state.log_prior)
+        rows, codes, prior = state.layer_rows, state.layer_codes, state.log_prior
+        weights = layer_weights(rows, codes, x, h, self.prototypes, self.gram, state.ranks, prior)
         state.layer_record.append(weights[:, -1])
         scaled = (weights * state.scalings.to(weights.device)).to(x.dtype)
         scaled = scaled.repeat_interleave(torch.tensor(state.ranks, device=x.device), dim=-1)

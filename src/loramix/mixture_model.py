@@ -143,6 +143,7 @@ class RoutedModel:
                 self._loaded_weights = weights
             state = self.state
             state.layer_rows = None if layer_rows is None else layer_rows.view(-1, 1, 1).to(self.device)
+            state.layer_codes = () if layer_rows is None else tuple(sorted(set(layer_rows.tolist()) - {0}))
             state.layer_record = []
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
