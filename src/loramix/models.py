@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loramix.errors import LoramixError
+from loramix.hardware import adapt_bf16_linears
 from loramix.paths import loramix_home
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
@@ -116,6 +117,7 @@ def load_base_model(name: str, dtype: torch.dtype = torch.float32, device: str |
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
+    adapt_bf16_linears(model)
     return model, tokenizer
 
 

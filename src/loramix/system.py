@@ -50,7 +50,7 @@ def installation_report() -> dict:
     from loramix import __version__
     from loramix.bundle import default_bundle_path
     from loramix.errors import LoramixError
-    from loramix.hardware import DTYPE_NAMES, Placement, cpu_bf16_verdict
+    from loramix.hardware import DTYPE_NAMES, PROBE_ROWS, Placement, cpu_bf16_verdict
     from loramix.models import BASE_MODEL_ALIASES, DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, resolve_embedder
     from loramix.paths import data_dir, loramix_home
 
@@ -64,7 +64,9 @@ def installation_report() -> dict:
     auto = f"{device} {DTYPE_NAMES[dtype]}"
     if device.type == "cpu":
         probe = cpu_bf16_verdict()
-        auto += f" (a decode-sized step on this CPU: fp32 {probe['fp32_ms']} ms, bf16 {probe['bf16_ms']} ms)"
+        steps = ", ".join(f"{rows} row{'s' * (rows > 1)}: fp32 {probe[f'fp32_ms_{rows}_rows']} ms, bf16 "
+                          f"{probe[f'bf16_ms_{rows}_rows']} ms" for rows in PROBE_ROWS)  # fmt: skip
+        auto += f" (decode-sized steps on this CPU, {steps})"
     cached_base = loramix_home() / "models" / DEFAULT_BASE_MODEL
     return {
         "version": __version__,
