@@ -8,6 +8,8 @@
 #   scripts/llama_server.sh convert        # base model (F32 and BF16) and the experts -> $WORK/gguf/*.gguf
 #   scripts/llama_server.sh serve [TYPE] [SCALE]  # llama-server on 127.0.0.1:$PORT with the four LoRAs (TYPE f32 or
 #                                          # bf16; SCALE: all four at it for every request, else per request)
+#   scripts/llama_server.sh compare        # side by side in one run: both servers in bf16 and fp32, one fixed mix
+#                                          # (and loramix's default route) -> benchmarks/peer-side-by-side/*.json
 #
 # A request picks its mixture as llama.cpp does, per request: "lora": [{"id": 0, "scale": 0.25}, ...]
 # (`loramix loadtest --model smollm2 --flavour llama.cpp --scenario mixtures`); requests with different LoRA settings
@@ -64,8 +66,31 @@ serve)
   exec "$SRC/build/bin/llama-server" -m "$WORK/gguf/base-$type.gguf" "${loras[@]}" \
     --host 127.0.0.1 --port "$PORT" -np 16 -c 16384 -t "$(nproc)" --alias smollm2
   ;;
+compare)
+  out=benchmarks/peer-side-by-side
+  mkdir -p "$out"
+  client=(.venv/bin/loramix loadtest --clients 1,8 --requests 8 --max-tokens 48)
+  up() { for _ in $(seq 1 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
+  for type in bf16 f32; do
+    "$0" serve $type 0.25 >"$WORK/llama-server-$type.log" 2>&1 &
+    server=$!
+    up "http://127.0.0.1:$PORT" && "${client[@]}" --url "http://127.0.0.1:$PORT" --model smollm2 \
+      --out "$out/llama-server-$type-fixed.json"
+    kill $server; wait $server 2>/dev/null || true
+  done
+  for dtype in bf16 fp32; do
+    .venv/bin/loramix serve --port $((PORT + 1)) --device cpu --dtype $dtype >"$WORK/loramix-$dtype.log" 2>&1 &
+    server=$!
+    if up "http://127.0.0.1:$((PORT + 1))"; then
+      "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" --route fixed:0.25,0.25,0.25,0.25 \
+        --out "$out/loramix-$dtype-fixed.json"
+      "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" --out "$out/loramix-$dtype-hidden.json"
+    fi
+    kill $server; wait $server 2>/dev/null || true
+  done
+  ;;
 *)
-  echo "usage: scripts/llama_server.sh build|convert|serve [f32|bf16]" >&2
+  echo "usage: scripts/llama_server.sh build|convert|serve [f32|bf16] [SCALE]|compare" >&2
   exit 2
   ;;
 esac
