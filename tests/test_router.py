@@ -63,6 +63,8 @@ def test_parse_route_policies():
         ("paper:hot", "not a number"),
         ("softmax:0", "must be positive"),
         ("prompt:bogus", "is not a routing rule"),
+        ("gate:wide", "write gate:G"),
+        ("prompt:gate:3+spectr", "between 0 and 2"),
     ],
 )
 def test_bad_route_specs_say_what_is_wrong(spec, message):
@@ -163,6 +165,16 @@ def test_a_text_that_only_just_reaches_the_limit_is_not_frozen_for_good(embedder
     router = CentroidRouter(embedder, torch.randn(2, embedder.dim))
     assert not router._frozen_for_good("word " * 250 + "ending")  # the stable prefix has fewer than 254 pieces
     assert router._frozen_for_good("word " * 300 + "ending")
+
+
+def test_gate_commits_to_the_leader_only_when_it_leads_clearly():
+    similarities = torch.tensor([[0.50, 0.30, 0.10, 0.00], [0.30, 0.25, 0.10, 0.00], [0.40, 0.20, 0.40, 0.00]])
+    weights = parse_route("gate:0.15", NAMES).rule(similarities)
+    assert torch.equal(weights[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))  # leads by 0.20
+    assert torch.equal(weights[1], torch.full((4,), 0.25)) and torch.equal(weights[2], torch.full((4,), 0.25))
+    policy = parse_route("prompt:gate:0.15+spectr", NAMES)
+    assert (policy.kind, policy.layer_rule) == ("prompt", "spectr")
+    assert torch.equal(policy.rule(similarities), weights)
 
 
 def test_topk_keeps_the_k_most_similar_experts_and_renormalises():

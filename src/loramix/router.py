@@ -148,6 +148,16 @@ def top1_weights(similarities: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(similarities.argmax(dim=-1), similarities.shape[-1]).float()
 
 
+def gate_weights(similarities: torch.Tensor, margin: float) -> torch.Tensor:
+    """The most similar expert alone where it leads the second by at least `margin`, else all alike: commit only
+    when the text clearly resembles one expert's (as a prior for in-layer routing, `prompt:gate:G+spectr`, a flat
+    prior leaves each layer to decide)."""
+    top2 = similarities.topk(min(2, similarities.shape[-1]), dim=-1).values
+    clear = (top2[..., :1] - top2[..., -1:]) >= margin if top2.shape[-1] > 1 else torch.ones_like(top2, dtype=bool)
+    flat = torch.full_like(similarities, 1.0 / similarities.shape[-1])
+    return torch.where(clear, top1_weights(similarities), flat)
+
+
 def topk_weights(similarities: torch.Tensor, k: int, temperature: float = SOFTMAX_TEMPERATURE) -> torch.Tensor:
     """softmax(similarities / T) over the k most similar experts, 0 for the others."""
     k = min(k, similarities.shape[-1])
@@ -203,7 +213,8 @@ DEFAULT_EVERY_K = 1
 
 ROUTE_HELP = (
     f"hidden (the default: {HIDDEN_POLICY}), hidden:L/RULE, boost[:T] (the paper's rule; also 'paper'), softmax[:T], "
-    "peak[:T] (softmax scaled so the top expert is at 1), top1, topk:K[:T], "
+    "peak[:T] (softmax scaled so the top expert is at 1), top1, topk:K[:T], gate:G (top1 when it leads by G, else "
+    "uniform), "
     "window:W[+P]/RULE, prompt[:RULE], arrow or spectr (per layer, per token), prompt[:RULE]+arrow|spectr (the "
     "prompt's weights as each layer's prior), base, uniform, oracle:NAME, "
     "fixed:w1,w2,..."
@@ -227,6 +238,16 @@ def _parse_rule(spec: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
                 f"{RULE_TEMPERATURES[1]:g}."
             )
         return lambda sims: topk_weights(sims, k, temperature)
+    if name == "gate":
+        try:
+            margin = float(arg)
+        except ValueError:
+            raise LoramixError(
+                f"Route rule '{spec}': write gate:G, G the lead in similarity (0-2) that commits."
+            ) from None
+        if not 0 <= margin <= 2:
+            raise LoramixError(f"Route rule '{spec}': G is a difference of cosine similarities, between 0 and 2.")
+        return lambda sims: gate_weights(sims, margin)
     if name in ("paper", "softmax", "peak"):
         default = PAPER_TEMPERATURE if name == "paper" else SOFTMAX_TEMPERATURE
         try:
