@@ -80,6 +80,32 @@ def _random_embedder(assets: Path, folder: Path, device: str) -> Path:
     return folder
 
 
+def _random_model(args: argparse.Namespace):
+    """The random Llama of the chosen shape (Llama-2-7b's, or a tiny one for a CPU dry run) on the GPU in bf16 by
+    default, its tokenizer, and where and how it is placed: (model, tokenizer, shape, device, dtype)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    torch.manual_seed(0)
+    shape = TINY if args.tiny else LLAMA2_7B
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(
+            LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0), dtype=dtype
+        ).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 0
+    tokenizer = AutoTokenizer.from_pretrained(args.assets / "tokenizer")
+    tokenizer.pad_token = tokenizer.unk_token
+    return model, tokenizer, shape, device, dtype
+
+
+def _randomise_lora_B(peft: torch.nn.Module, generator: torch.Generator) -> None:
+    """PEFT starts B at zero, trained experts do not: small random B for every adapter the model holds."""
+    for name, parameter in peft.named_parameters():
+        if "lora_B" in name:
+            parameter.data.copy_((torch.randn(parameter.shape, generator=generator) * 0.02).to(parameter))
+
+
 def _experts(peft_base: torch.nn.Module, folder: Path, rank: int):
     """Four random r=`rank` q/v experts, saved as PEFT adapter folders; returns the PeftModel holding them all."""
     from peft import LoraConfig, get_peft_model
@@ -88,11 +114,7 @@ def _experts(peft_base: torch.nn.Module, folder: Path, rank: int):
     peft = get_peft_model(peft_base, config, adapter_name=EXPERTS[0])
     for name in EXPERTS[1:]:
         peft.add_adapter(name, config)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    for name, parameter in peft.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; trained experts are not
-            values = torch.randn(parameter.shape, generator=generator) * 0.02
-            parameter.data.copy_(values.to(parameter))
+    _randomise_lora_B(peft, torch.Generator(device="cpu").manual_seed(0))
     paths = []
     for name in EXPERTS:
         peft.save_pretrained(folder, selected_adapters=[name])
@@ -105,27 +127,16 @@ def write_bundle(args: argparse.Namespace) -> None:
     """The random model as a loramix bundle folder: base model (+ tokenizer), four experts, a random embedder, random
     text and hidden-state centroids. Loads like any bundle (`loramix serve --bundle`), to serve and load-test it."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from loramix.bundle import Bundle, ExpertEntry
     from loramix.centroids import save_centroids
     from loramix.hidden_router import HIDDEN_ROUTER_FILE
 
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
-    torch.manual_seed(0)
     start = time.perf_counter()
     root = Path(args.out)
     if root.exists():
         shutil.rmtree(root)
-    shape = TINY if args.tiny else LLAMA2_7B
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(
-            LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0), dtype=dtype
-        )
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 0
-    tokenizer = AutoTokenizer.from_pretrained(args.assets / "tokenizer")
-    tokenizer.pad_token = tokenizer.unk_token
+    model, tokenizer, shape, device, dtype = _random_model(args)
     model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     config = LoraConfig(r=args.rank, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -133,9 +144,7 @@ def write_bundle(args: argparse.Namespace) -> None:
     entries = []
     for name in EXPERTS:  # one at a time on the same model: a PEFT wrapper, random B, save, unwrap
         peft = get_peft_model(model, config)
-        for key, parameter in peft.named_parameters():
-            if "lora_B" in key:
-                parameter.data.copy_((torch.randn(parameter.shape, generator=generator) * 0.02).to(parameter))
+        _randomise_lora_B(peft, generator)
         peft.save_pretrained(root / "experts" / name)
         model = peft.unload()
         entries.append(ExpertEntry(name=name, path=f"experts/{name}"))
@@ -152,29 +161,17 @@ def write_bundle(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from loramix.adapters import load_expert
     from loramix.bench import BenchContext, run_benchmark, write_report_files
     from loramix.generation import MixtureModel
     from loramix.hidden_router import HiddenRouter
     from loramix.router import CentroidRouter, Embedder
 
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
-    torch.manual_seed(0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    shape = TINY if args.tiny else LLAMA2_7B
-    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 0
+    model, tokenizer, shape, device, dtype = _random_model(args)
     base, peft_base = copy.deepcopy(model), copy.deepcopy(model)
-    tokenizer = AutoTokenizer.from_pretrained(args.assets / "tokenizer")
-    tokenizer.pad_token = tokenizer.unk_token
     peft, paths = _experts(peft_base, work / "experts", args.rank)
     experts = [load_expert(path, name, dtype=dtype) for name, path in zip(EXPERTS, paths)]
     embedder = Embedder(str(_random_embedder(args.assets, work / "minilm", device)), device, "auto")
