@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIMIT_HELD_OUT=${LIMIT_HELD_OUT:-15}
-LIMIT_TRAINED=${LIMIT_TRAINED:-25}
-CONFIGS=${CONFIGS:-"base,uniform,expert:gsm8k,expert:arc,expert:squad,expert:codealpaca,tla:k=2,prompt,prompt,route=top1,tla:k=1,route=hidden,tla:k=1,route=hidden:2/top1,arrow,tla:k=1,route=arrow,tla:k=1,route=hidden:-2/peak:0.05,tla:k=1,route=spectr"}
+LIMIT_TRAINED=${LIMIT_TRAINED:-12}
+CONFIGS=${CONFIGS:-"base,uniform,expert:gsm8k,expert:arc,expert:squad,expert:codealpaca,tla:k=2,prompt,prompt,route=top1,tla:k=1,route=hidden,tla:k=1,route=hidden:2/top1,arrow,tla:k=1,route=arrow,tla:k=1,route=hidden:-2/peak:0.05,tla:k=1,route=spectr,prompt,route=softmax:0.05+spectr,prompt,route=gate:0.15+spectr"}
 COMMON=(--loss --no-generation --batch-size 8 --device cpu --dtype fp32 --embedder-dtype fp32)
 echo "=== held-out from $(date -u +%H:%M:%S)"
 .venv/bin/loramix eval --tasks held-out --split test --configs "$CONFIGS" --limit "$LIMIT_HELD_OUT" "${COMMON[@]}" --out results/held-out
