@@ -147,7 +147,7 @@ def cpu_has_native_bf16() -> bool:
 # On a CPU without bf16 instructions, torch's bf16 matrix product is fast only for a few rows, where reading half
 # the bytes of fp32 is what counts (a decode step: 3.4x fp32's speed at 1 row); from ~8 rows on it is slower than
 # fp32, up to 7x at prefill sizes. There, converting the stored bf16 weight to fp32 and multiplying in fp32 is as
-# fast as fp32 weights, or faster (BENCHMARKS.md, "bf16 on a CPU without bf16 instructions").
+# fast as fp32 weights, or faster (BENCHMARKS.md, "bf16 side by side, and where a step's time goes").
 # The weight is converted 2,048 output rows at a time, so the fp32 copy stays in cache (converting a vocabulary-
 # sized head at once costs more than the product itself).
 BF16_KERNEL_MAX_ROWS = 4

@@ -51,7 +51,7 @@ class MixtureState:
         self.scale_a: torch.Tensor | None = None  # [b, 1, R]: coef_a spread over each expert's rank columns
         self.layer_rows: torch.Tensor | None = None  # [b, 1, 1]: each row's in-layer rule (LAYER_RULES), 0 none
         self.layer_codes: tuple[int, ...] = ()  # the rule codes present in layer_rows
-        self.log_prior: torch.Tensor | None = None  # [b, 1, n]: log of the weights, the in-layer rules' prior
+        self.log_prior: torch.Tensor | None = None  # [b, 1, n]: log of the pass's weights, the in-layer rules' prior
         self.layer_record: list[torch.Tensor] = []  # each layer's [b, n] weights of the last position
 
     def check_mode(self, mode: str) -> None:
@@ -89,7 +89,6 @@ class MixtureState:
             coef_a, coef_b = root * scaled.sign(), root  # the sign goes on one side only, as PEFT does
         else:  # paper
             coef_a, coef_b = scaled, torch.ones_like(scaled)
-        self.log_prior = weights.float().log().unsqueeze(1).to(device)
         self.coef_a = coef_a.to(device=device, dtype=dtype)
         self.coef_b = None if coef_b is None else coef_b.to(device=device, dtype=dtype)
         ranks = torch.tensor(self.ranks, device=device)

@@ -144,6 +144,9 @@ class RoutedModel:
             state = self.state
             state.layer_rows = None if layer_rows is None else layer_rows.view(-1, 1, 1).to(self.device)
             state.layer_codes = () if layer_rows is None else tuple(sorted(set(layer_rows.tolist()) - {0}))
+            state.log_prior = None  # in-layer rows take their weights as a prior; no other pass needs their log
+            if layer_rows is not None and weights is not None:
+                state.log_prior = weights.float().log().unsqueeze(1).to(self.device)
             state.layer_record = []
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
