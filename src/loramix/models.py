@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from loramix.cpu_kernels import adapt_cpu_linears, stores_half_weights
 from loramix.errors import LoramixError
-from loramix.hardware import adapt_bf16_linears
 from loramix.paths import loramix_home
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
@@ -106,9 +106,10 @@ def load_base_model(name: str, dtype: torch.dtype = torch.float32, device: str |
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = resolve_base_model(name)
+    stored = torch.float32 if stores_half_weights(torch.device(device), dtype) else dtype  # fp16 weights: packed below
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=stored, trust_remote_code=False)
     except OSError as exc:
         raise LoramixError(
             f"Could not load base model '{name}' ({location}): {exc}. Use '{DEFAULT_BASE_MODEL}', a local "
@@ -117,7 +118,7 @@ def load_base_model(name: str, dtype: torch.dtype = torch.float32, device: str |
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
-    adapt_bf16_linears(model)
+    adapt_cpu_linears(model, dtype)
     return model, tokenizer
 
 

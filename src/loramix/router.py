@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from loramix.cpu_kernels import cpu_has_native_bf16
 from loramix.errors import LoramixError, OptionError
-from loramix.hardware import cpu_has_native_bf16
 from loramix.layer_router import LAYER_RULES
 from loramix.models import DEFAULT_EMBEDDER, resolve_embedder
 

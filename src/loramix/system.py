@@ -46,11 +46,11 @@ def git_revision() -> str | None:
 
 def installation_report() -> dict:
     """What `loramix info` shows: versions, cache, default bundle, base model, embedder, data, and what
-    --device auto --dtype auto choose here (on a CPU, with the bf16 probe's times)."""
+    --device auto --dtype auto choose here (on a CPU, with the dtype probe's times)."""
     from loramix import __version__
     from loramix.bundle import default_bundle_path
     from loramix.errors import LoramixError
-    from loramix.hardware import DTYPE_NAMES, PROBE_ROWS, Placement, cpu_bf16_verdict
+    from loramix.hardware import DTYPE_NAMES, PROBE_ROWS, Placement, cpu_dtype_candidates, cpu_dtype_verdict
     from loramix.models import BASE_MODEL_ALIASES, DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, resolve_embedder
     from loramix.paths import data_dir, loramix_home
 
@@ -63,9 +63,12 @@ def installation_report() -> dict:
     device, dtype = Placement().resolve()
     auto = f"{device} {DTYPE_NAMES[dtype]}"
     if device.type == "cpu":
-        probe = cpu_bf16_verdict()
-        steps = ", ".join(f"{rows} row{'s' * (rows > 1)}: fp32 {probe[f'fp32_ms_{rows}_rows']} ms, bf16 "
-                          f"{probe[f'bf16_ms_{rows}_rows']} ms" for rows in PROBE_ROWS)  # fmt: skip
+        probe = cpu_dtype_verdict()
+        steps = "; ".join(
+            f"{rows} row{'s' * (rows > 1)}: "
+            + ", ".join(f"{name} {probe[f'{name}_ms_{rows}_rows']} ms" for name in cpu_dtype_candidates())
+            for rows in PROBE_ROWS
+        )
         auto += f" (decode-sized steps on this CPU, {steps})"
     cached_base = loramix_home() / "models" / DEFAULT_BASE_MODEL
     return {
