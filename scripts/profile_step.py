@@ -14,7 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 from loramix.generation import GenerationOptions, GenerationStream, MixtureModel
 from loramix.loadtest import DEFAULT_PROMPTS
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
+            "aten::fbgemm_linear_fp16_weight_fp32_activation")  # fmt: skip
 
 
 def main() -> None:
