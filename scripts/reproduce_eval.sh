@@ -32,9 +32,9 @@ for configs in "$REQUIRED" "$RECOMPUTE" "$EXTRAS"; do
       limit=$(limit_for "$task" "$round")
       echo "=== $task${limit:+ (first $limit)} from $(date -u +%H:%M:%S): $configs"
       .venv/bin/loramix eval --tasks "$task" --configs "$configs" --batch-size 16 ${limit:+--limit "$limit"} \
-        --out "$OUT"
+        --device cpu --dtype fp32 --out "$OUT"  # the committed results' precision (auto may pick fp16 on a CPU)
     done
   done
 done
-.venv/bin/loramix specialist --limit 50 --out "$OUT"
+.venv/bin/loramix specialist --limit 50 --device cpu --dtype fp32 --out "$OUT"
 .venv/bin/python scripts/prompt_lengths.py --out "$OUT"
