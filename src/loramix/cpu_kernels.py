@@ -54,6 +54,12 @@ def stores_half_weights(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.float16 and fbgemm_fp16_available()
 
 
+def load_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model placed so is loaded in before `adapt_cpu_linears`: fp32 where its Linears then become fp16
+    `HalfWeightLinear`s, else `dtype` itself."""
+    return torch.float32 if stores_half_weights(device, dtype) else dtype
+
+
 def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """fp32 products of a half-precision weight, converted UPCAST_CHUNK output rows at a time."""
     wide = x.float()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramix.cpu_kernels import adapt_cpu_linears, fbgemm_fp16_available, stores_half_weights
+from loramix.cpu_kernels import adapt_cpu_linears, fbgemm_fp16_available, load_dtype
 from loramix.errors import OptionError
 from loramix.options import option
 
@@ -98,7 +98,7 @@ def _probe(dtype: torch.dtype, rows: int, repeats: int = 5) -> float:
     """Median seconds of a decode-sized step: `rows` rows through four 1024 x 4096 / 4096 x 1024 pairs (64 MB in
     bf16, beyond a cache, as a model's weights are), in the Linears a model of this dtype would have here."""
     generator = torch.Generator().manual_seed(0)
-    stored = torch.float32 if stores_half_weights(torch.device("cpu"), dtype) else dtype
+    stored = load_dtype(torch.device("cpu"), dtype)
     layers = []
     for shape in [(4096, 1024), (1024, 4096)] * 4:
         layer = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=stored)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loramix.cpu_kernels import adapt_cpu_linears, stores_half_weights
+from loramix.cpu_kernels import adapt_cpu_linears, load_dtype
 from loramix.errors import LoramixError
 from loramix.paths import loramix_home
 
@@ -106,10 +106,11 @@ def load_base_model(name: str, dtype: torch.dtype = torch.float32, device: str |
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = resolve_base_model(name)
-    stored = torch.float32 if stores_half_weights(torch.device(device), dtype) else dtype  # fp16 weights: packed below
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=stored, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=load_dtype(torch.device(device), dtype), trust_remote_code=False
+        )
     except OSError as exc:
         raise LoramixError(
             f"Could not load base model '{name}' ({location}): {exc}. Use '{DEFAULT_BASE_MODEL}', a local "
