@@ -213,3 +213,26 @@ def test_fp16_weights_keep_the_greedy_answers_and_routing_of_fp32_on_a_cpu():
     for exact, half in zip(runs["fp32"], runs["fp16"]):
         assert exact.token_ids == half.token_ids
         assert (exact.weights - half.weights).abs().max() < 0.005
+
+
+def test_lean_decode_step_is_transformers_bit_for_bit_on_the_shipped_bundle():
+    """SmolLM2 is a plain Llama: its decode steps take the lean step, and the four shipped prompts (batched, so
+    left-padded, and each alone, unpadded) get transformers' tokens, log-probabilities and routing weights exactly."""
+    import json
+
+    from loramix.paths import PACKAGE_ROOT
+
+    lines = (PACKAGE_ROOT / "examples" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    mixture = MixtureModel.from_bundle(None, device="cpu", dtype="fp32", embedder_dtype="fp32")
+    lean = mixture.decoder
+    assert lean is not None
+    runs = {}
+    for name, decoder in (("transformers", None), ("lean", lean)):
+        mixture.decoder = decoder
+        runs[name] = mixture.generate(prompts, max_new_tokens=12, batch_size=4, logprobs=0)
+        runs[name] += [mixture.generate(prompts[0], max_new_tokens=12, logprobs=0)]
+    mixture.decoder = lean
+    for full, ours in zip(runs["transformers"], runs["lean"]):
+        assert ours.token_ids == full.token_ids and ours.logprobs == full.logprobs
+        assert torch.equal(ours.weights, full.weights)

@@ -89,9 +89,13 @@ class HalfWeightLinear(torch.nn.Linear):
     (state dicts, PEFT and `.weight` readers see it); the packed copy is FBGEMM's and is rebuilt from it."""
 
     packed: torch.Tensor
+    kernel: functools.partial  # x -> x W^T + b through FBGEMM, for callers whose rows are known to be few
 
     def pack(self) -> None:
         self.packed = torch.fbgemm_pack_gemm_matrix_fp16(self.weight.detach().float())
+        self.kernel = functools.partial(
+            torch.fbgemm_linear_fp16_weight_fp32_activation, packed_weight=self.packed, bias=self.bias
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= HALF_KERNEL_MAX_ROWS * x.shape[-1]:

@@ -23,8 +23,7 @@ from loramix.adapters import ExpertAdapter
 from loramix.errors import LoramixError
 from loramix.layer_router import expert_spectrum, layer_weights
 
-MERGE_MODES = ("exact", "linear", "paper")
-DEFAULT_MERGE = "exact"
+MERGE_MODES, DEFAULT_MERGE = ("exact", "linear", "paper"), "exact"
 MERGE_ALIASES = {"peft04": "paper"}  # PEFT 0.4.0's merge; "paper", its first spelling, keeps results' names and keys
 
 
@@ -40,8 +39,7 @@ class MixtureState:
     """Mixing coefficients shared by all mixture layers of one model, set once per routing step."""
 
     def __init__(self, ranks: list[int], scalings: list[float], mode: str = DEFAULT_MERGE):
-        self.ranks = ranks
-        self.n_experts = len(ranks)
+        self.ranks, self.n_experts = ranks, len(ranks)
         self.scalings = torch.tensor(scalings, dtype=torch.float32)
         self.version = 0  # bumped by every change, so layers rebuild their per-row factors lazily
         self.enabled = False  # experts off until weights are set
@@ -112,7 +110,11 @@ class MixtureLinear(nn.Module):
         self._merged_B: torch.Tensor | None = None  # [b, r, out]: (sum_j b_j B_j)^T per row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, state = self.base(x), self.state
+        return self.mix(x, self.base(x))
+
+    def mix(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The base layer's output `out` for x plus the experts' delta (added in place under `exact`)."""
+        state = self.state
         if not state.enabled:
             return out
         if state.coef_b is None:  # exact: two matmuls against the stacks, the per-row scale in between
@@ -137,10 +139,8 @@ class MixtureLinear(nn.Module):
         """Merged modes: A' = sum_i a_i A_i and B' = sum_j b_j B_j for every row, once per routing step."""
         state = self.state
         n, r = state.n_experts, state.ranks[0]
-        stacked_A = self.lora_A.view(n, r, -1)  # [n, r, in]
-        stacked_B = self.lora_B.view(self.lora_B.shape[0], n, r)  # [out, n, r]
-        self._merged_A = torch.einsum("bn,nri->bir", state.coef_a, stacked_A)
-        self._merged_B = torch.einsum("bn,onr->bro", state.coef_b, stacked_B)
+        self._merged_A = torch.einsum("bn,nri->bir", state.coef_a, self.lora_A.view(n, r, -1))  # A: [n, r, in]
+        self._merged_B = torch.einsum("bn,onr->bro", state.coef_b, self.lora_B.view(-1, n, r))  # B: [out, n, r]
         self._factors_version = state.version
 
 
@@ -183,11 +183,10 @@ def attach_experts(model: nn.Module, experts: list[ExpertAdapter], mode: str = "
         base = modules[name]
         if not hasattr(base, "in_features"):
             raise LoramixError(f"Module {name} is a {type(base).__name__}; only Linear layers can carry experts.")
-        A, B, prototypes, gram = _stack(experts, name, base)
-        A, B, prototypes, gram = (tensor.to(reference) for tensor in (A, B, prototypes, gram))
-        mixed = MixtureLinear(base, A, B, state, prototypes, gram)
+        A, B, prototypes, gram = (tensor.to(reference) for tensor in _stack(experts, name, base))
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, mixed)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MixtureLinear(base, A, B, state, prototypes, gram))
     return state
 
 

@@ -19,6 +19,7 @@ from loramix.adapters import ExpertAdapter, check_same_base
 from loramix.bundle import Bundle, resolve_bundle
 from loramix.centroids import load_centroids
 from loramix.cpu_kernels import weight_dtype
+from loramix.decode_step import LeanDecoder
 from loramix.errors import LoramixError
 from loramix.hardware import describe, resolve_device, resolve_dtype
 from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter
@@ -70,6 +71,7 @@ class RoutedModel:
         self.context_limit: int | None = getattr(model.config, "max_position_embeddings", None)
         self.n_layers: int = model.config.num_hidden_layers
         self._layers = decoder_layers(model)
+        self.decoder = LeanDecoder.build(model)  # decode steps without transformers' plumbing, where it is equal
         # transformers 5 renamed past_key_values to cache (not every architecture yet); the cache is updated in place
         self._cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # One forward pass at a time: the weights and merge mode are set on the shared layers just before it.
@@ -149,14 +151,17 @@ class RoutedModel:
             if layer_rows is not None and weights is not None:
                 state.log_prior = weights.float().log().unsqueeze(1).to(self.device)
             state.layer_record = []
-            out = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1, output_hidden_states=bool(capture), **{self._cache_keyword: cache},
-            )  # fmt: skip
+            if self.decoder is not None and input_ids.shape[1] == 1:
+                logits, hidden = self.decoder.step(input_ids, attention_mask, position_ids, cache, capture)
+            else:
+                out = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=1, output_hidden_states=bool(capture), **{self._cache_keyword: cache},
+                )  # fmt: skip
+                hidden = {layer: out.hidden_states[layer] for layer in capture}
+                logits = out.logits[:, -1, :].float()
             records, state.layer_rows, state.layer_record = state.layer_record, None, []
         self.last_layer_weights = torch.stack(records).mean(dim=0).cpu() if records else None
-        hidden = {layer: out.hidden_states[layer] for layer in capture}
-        logits = out.logits[:, -1, :].float()
         if logits.is_cuda:  # so the time of the forward pass is counted as such, not in whatever waits next
             torch.cuda.synchronize(logits.device)
         return logits, cache, hidden

@@ -1,0 +1,123 @@
+"""The lean decode step (`loramix.decode_step`): transformers' numbers bit for bit, in every merge mode and in-layer
+rule, with padding and captured hidden states; built only for the models it fits, and only once it is equal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import make_random_expert, make_tiny_base
+from loramix import decode_step
+from loramix.adapters import load_expert
+from loramix.cpu_kernels import HALF_KERNEL_MAX_ROWS, fbgemm_fp16_available, pack_fp16_linears
+from loramix.decode_step import LeanDecoder
+from loramix.mixture_model import RoutedModel
+from loramix.models import load_base_model
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def every_projection(tmp_path_factory):
+    """A tiny Llama whose two experts adapt all seven projections (so every product of a layer mixes)."""
+    root = tmp_path_factory.mktemp("lean")
+    base = make_tiny_base(root / "base", seed=3)
+    experts = [make_random_expert(base, root / f"e{i}", seed=10 + i, targets=ALL_PROJECTIONS) for i in range(2)]
+    return base, experts
+
+
+def _mixture(every_projection, half: bool = False) -> RoutedModel:
+    base, experts = every_projection
+    model, tokenizer = load_base_model(str(base), dtype=torch.float32, device="cpu")
+    if half:
+        pack_fp16_linears(model)
+    return RoutedModel(model, tokenizer, [load_expert(path) for path in experts], router=None)
+
+
+def _decode_both_ways(
+    mixture: RoutedModel, merge: str, rows: int = 3, layer_rows=None, capture=(0, 1, 2), padded: bool = True
+):
+    """A padded prefill, then one decode pass with and without the lean step: (logits, hidden, layer weights) each."""
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, mixture.model.config.vocab_size, (rows, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3], mask[1, :1] = 0, 0  # rows of three lengths, left-padded as a joined batch is
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    weights = torch.rand(rows, len(mixture.expert_names), generator=generator).softmax(dim=-1)
+    lean, results = mixture.decoder, []
+    for decoder in (None, lean):
+        mixture.decoder = decoder
+        _, cache, _ = mixture.forward(ids[:, :6], mask[:, :6], positions[:, :6], None, weights, merge, (), layer_rows)
+        logits, _, hidden = mixture.forward(
+            ids[:, 6:], mask, positions[:, 6:], cache, weights, merge, capture, layer_rows
+        )
+        results.append((logits, hidden, mixture.last_layer_weights))
+    mixture.decoder = lean
+    return results
+
+
+@pytest.mark.parametrize(("merge", "padded"), [("exact", True), ("linear", True), ("paper", True), ("exact", False)])
+def test_lean_step_is_transformers_bit_for_bit_in_every_merge_mode(every_projection, merge, padded):
+    """Padded rows take SDPA with the padding mask; a batch without padding takes it unmasked, as transformers."""
+    mixture = _mixture(every_projection)
+    assert mixture.decoder is not None
+    (full, full_hidden, _), (lean, lean_hidden, _) = _decode_both_ways(mixture, merge, padded=padded)
+    assert torch.equal(lean, full)
+    assert sorted(lean_hidden) == [0, 1, 2]  # layer 2 of 2: transformers' last hidden state, after the final norm
+    assert all(torch.equal(lean_hidden[layer], full_hidden[layer]) for layer in full_hidden)
+
+
+def test_lean_step_keeps_in_layer_routing_and_its_recorded_weights(every_projection):
+    mixture = _mixture(every_projection)
+    layer_rows = torch.tensor([1, 0, 2])  # arrow, the pass's own weights, spectr (LAYER_RULES' codes)
+    (full, _, full_weights), (lean, _, lean_weights) = _decode_both_ways(mixture, "exact", layer_rows=layer_rows)
+    assert torch.equal(lean, full)
+    assert full_weights is not None and torch.equal(lean_weights, full_weights)
+
+
+@pytest.mark.skipif(not fbgemm_fp16_available(), reason="FBGEMM's fp16 product is x86 (AVX2) only")
+def test_fp16_weights_step_on_one_thread_through_the_kernels_equal_to_transformers_there(every_projection, monkeypatch):
+    mixture = _mixture(every_projection, half=True)
+    assert mixture.decoder.half_weights and mixture.decoder.fast is not mixture.decoder.plain
+    threads, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: threads.append(torch.get_num_threads()) or sdpa(*a, **k))  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the full path on the same one thread: the same reductions, so the same bits
+    try:
+        (full, _, _), (lean, _, _) = _decode_both_ways(mixture, "exact")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(lean, full)
+    threads.clear()
+    torch.set_num_threads(2)
+    try:
+        _decode_both_ways(mixture, "exact", rows=2)
+        few = list(threads)
+        threads.clear()
+        _decode_both_ways(mixture, "exact", rows=HALF_KERNEL_MAX_ROWS + 1)
+        many = list(threads)
+    finally:
+        torch.set_num_threads(before)
+    # each call: prefill (2 layers, full path) then decode, full path then lean; only the lean decode is on one thread
+    assert few[-2:] == [1, 1] and set(few[:-2]) == {2}
+    assert set(many) == {2}  # more rows than FBGEMM is used for: module products on every thread, as before
+
+
+def test_built_only_for_plain_llamas(every_projection, tmp_path):
+    assert LeanDecoder.build(_mixture(every_projection).model) is not None
+    neox = make_tiny_base(tmp_path / "neox", architecture="gpt_neox")
+    model, _ = load_base_model(str(neox), dtype=torch.float32, device="cpu")
+    assert LeanDecoder.build(model) is None
+    base, _ = every_projection
+    model, _ = load_base_model(str(base), dtype=torch.float32, device="cpu")
+    model.config.attention_bias = True  # a layer shape the lean step does not run
+    assert LeanDecoder.build(model) is None
+
+
+def test_a_step_that_differs_from_transformers_is_never_used(every_projection, monkeypatch):
+    model, _ = load_base_model(str(every_projection[0]), dtype=torch.float32, device="cpu")
+    rope = decode_step._rope_factors
+    monkeypatch.setattr(decode_step, "_rope_factors", lambda cos, sin: rope(cos, -sin))  # rotating the wrong way
+    assert LeanDecoder.build(model) is None
