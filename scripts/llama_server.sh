@@ -8,8 +8,9 @@
 #   scripts/llama_server.sh convert        # base model (F32, F16, BF16) and the experts -> $WORK/gguf/*.gguf
 #   scripts/llama_server.sh serve [TYPE] [SCALE]  # llama-server on 127.0.0.1:$PORT with the four LoRAs (TYPE f32 or
 #                                          # bf16; SCALE: all four at it for every request, else per request)
-#   scripts/llama_server.sh compare        # side by side in one run: both servers in bf16 and fp32, one fixed mix
-#                                          # (and loramix's default route) -> benchmarks/peer-side-by-side/*.json
+#   scripts/llama_server.sh compare        # side by side in one run: both servers at each of $TYPES (default f16 f32),
+#                                          # one fixed mix (and loramix's default route), $ROUNDS rounds
+#                                          # -> benchmarks/peer-side-by-side/*.json
 #
 # A request picks its mixture as llama.cpp does, per request: "lora": [{"id": 0, "scale": 0.25}, ...]
 # (`loramix loadtest --model smollm2 --flavour llama.cpp --scenario mixtures`); requests with different LoRA settings
@@ -67,29 +68,35 @@ serve)
     --host 127.0.0.1 --port "$PORT" -np 16 -c 16384 -t "$(nproc)" --alias smollm2
   ;;
 compare)
+  # $ROUNDS rounds (default 1), each: llama-server then loramix at every type, so drift shows as spread between rounds.
+  # llama-server runs with its prompt cache off (`--flavour llama.cpp`): every level repeats the same 16 prompts,
+  # which it would otherwise answer from that cache while loramix computes them again.
   out=benchmarks/peer-side-by-side
   mkdir -p "$out"
   client=(.venv/bin/loramix loadtest --clients "${CLIENTS:-1,16}" --requests 16 --max-tokens 48)
   types=(${TYPES:-f16 f32})
   declare -A ours=([f32]=fp32 [f16]=fp16 [bf16]=bf16)
   up() { for _ in $(seq 1 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
-  for type in "${types[@]}"; do
-    "$0" serve $type 0.25 >"$WORK/llama-server-$type.log" 2>&1 &
-    server=$!
-    up "http://127.0.0.1:$PORT" && "${client[@]}" --url "http://127.0.0.1:$PORT" --model smollm2 \
-      --out "$out/llama-server-$type-fixed.json"
-    kill $server; wait $server 2>/dev/null || true
-  done
-  for type in "${types[@]}"; do
-    dtype=${ours[$type]}
-    .venv/bin/loramix serve --port $((PORT + 1)) --device cpu --dtype $dtype >"$WORK/loramix-$dtype.log" 2>&1 &
-    server=$!
-    if up "http://127.0.0.1:$((PORT + 1))"; then
-      "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" --route fixed:0.25,0.25,0.25,0.25 \
-        --out "$out/loramix-$dtype-fixed.json"
-      "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" --out "$out/loramix-$dtype-hidden.json"
-    fi
-    kill $server; wait $server 2>/dev/null || true
+  rounds=${ROUNDS:-1}
+  for round in $(seq 1 "$rounds"); do
+    tag=""
+    [ "$rounds" -gt 1 ] && tag="-r$round"
+    for type in "${types[@]}"; do
+      "$0" serve $type 0.25 >"$WORK/llama-server-$type.log" 2>&1 &
+      server=$!
+      up "http://127.0.0.1:$PORT" && "${client[@]}" --url "http://127.0.0.1:$PORT" --model smollm2 --flavour llama.cpp \
+        --out "$out/llama-server-$type-fixed$tag.json"
+      kill $server; wait $server 2>/dev/null || true
+      dtype=${ours[$type]}
+      .venv/bin/loramix serve --port $((PORT + 1)) --device cpu --dtype $dtype >"$WORK/loramix-$dtype.log" 2>&1 &
+      server=$!
+      if up "http://127.0.0.1:$((PORT + 1))"; then
+        "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" --route fixed:0.25,0.25,0.25,0.25 \
+          --out "$out/loramix-$dtype-fixed$tag.json"
+        "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" --out "$out/loramix-$dtype-hidden$tag.json"
+      fi
+      kill $server; wait $server 2>/dev/null || true
+    done
   done
   ;;
 *)

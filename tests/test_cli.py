@@ -200,3 +200,14 @@ def test_the_commands_page_is_written_from_the_code():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.render() == (root / "docs" / "commands.md").read_text(encoding="utf-8"), "run scripts/make_docs.py"
+
+
+def test_loadtest_turns_llama_cpps_prompt_cache_off_and_sends_loramix_only_its_own_fields():
+    """Every level sends the same prompts: llama.cpp's server would answer the later levels' from its prompt cache,
+    work loramix does again, so the llama.cpp dialect asks for it off; loramix is sent nothing it does not know."""
+    from loramix.loadtest import LoadtestOptions
+
+    peer = LoadtestOptions(flavour="llama.cpp", route=None)
+    assert peer.extra() == {"cache_prompt": False}
+    ours = LoadtestOptions(route="fixed:0.5,0.5", every_k=2)
+    assert ours.extra() == {"every_k": 2, "route": "fixed:0.5,0.5"}

@@ -57,7 +57,11 @@ class LoadtestOptions:
     max_tokens: int = option(64, "Tokens per request (no early end).")
     long_tokens: int = option(3000, "long-prompt: about this many prompt tokens in the long request.")
     model: str = option("loramix", "Model name sent (another server's, to measure it with the same client).")
-    flavour: str = option("loramix", "mixtures: how a request asks for a mixture: loramix (route) or llama.cpp.")
+    flavour: str = option(
+        "loramix",
+        "The server's dialect: loramix, or llama.cpp (mixtures as its LoRA scales, and its prompt cache off: every "
+        "level sends the same prompts, which it would otherwise answer from that cache).",
+    )
     every_k: int | None = option(None, "Sent as every_k (default: the server's).")
     route: str | None = option(None, "Sent as route (default: the server's).")
     api_key: str | None = option(None, "Bearer key, if the server wants one.")
@@ -77,7 +81,10 @@ class LoadtestOptions:
         return levels
 
     def extra(self) -> dict:
-        return {k: v for k, v in (("every_k", self.every_k), ("route", self.route)) if v is not None}
+        fields = {k: v for k, v in (("every_k", self.every_k), ("route", self.route)) if v is not None}
+        if self.flavour == "llama.cpp":
+            fields["cache_prompt"] = False  # the same prompt at every level is not a prefix a client would share
+        return fields
 
 
 @dataclass
