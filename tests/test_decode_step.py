@@ -105,6 +105,53 @@ def test_fp16_weights_step_on_one_thread_through_the_kernels_equal_to_transforme
     assert set(many) == {2}  # more rows than FBGEMM is used for: module products on every thread, as before
 
 
+def _random_model(model_type: str, **changes) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, **changes,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize(("model_type", "changes"), [("qwen2", {}), ("mistral", {"sliding_window": None})])
+def test_other_llama_shaped_models_step_bit_for_bit(model_type, changes):
+    """Qwen2 (q/k/v with biases) and Mistral without a sliding window have Llama's layers: a padded decode step."""
+    from transformers import DynamicCache
+
+    model = _random_model(model_type, **changes)
+    decoder = LeanDecoder.build(model)
+    assert decoder is not None
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    with torch.no_grad():
+        for lean in (False, True):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :5], attention_mask=mask[:, :5], position_ids=positions[:, :5], cache=cache)
+            if lean:
+                logits.append(decoder.step(ids[:, 5:], mask, positions[:, 5:], cache)[0])
+            else:
+                out = model(input_ids=ids[:, 5:], attention_mask=mask, position_ids=positions[:, 5:], cache=cache)
+                logits.append(out.logits[:, -1, :].float())
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_models_of_another_shape_get_no_lean_step(monkeypatch):
+    """Qwen3 normalises queries and keys inside attention: were it let through as a Llama-shaped model, the check
+    against transformers' step refuses it. A sliding window (Mistral's default) is refused from the config."""
+    qwen3 = _random_model("qwen3")
+    assert LeanDecoder.build(qwen3) is None
+    monkeypatch.setattr(decode_step, "LEAN_MODEL_TYPES", (*decode_step.LEAN_MODEL_TYPES, "qwen3"))
+    assert decode_step._plain_llama(qwen3, qwen3.config) and not LeanDecoder(qwen3).check()
+    assert LeanDecoder.build(qwen3) is None
+    assert LeanDecoder.build(_random_model("mistral", sliding_window=4)) is None
+
+
 def test_built_only_for_plain_llamas(every_projection, tmp_path):
     assert LeanDecoder.build(_mixture(every_projection).model) is not None
     neox = make_tiny_base(tmp_path / "neox", architecture="gpt_neox")
@@ -112,7 +159,7 @@ def test_built_only_for_plain_llamas(every_projection, tmp_path):
     assert LeanDecoder.build(model) is None
     base, _ = every_projection
     model, _ = load_base_model(str(base), dtype=torch.float32, device="cpu")
-    model.config.attention_bias = True  # a layer shape the lean step does not run
+    model.config.hidden_act = "gelu"  # a layer shape the lean step does not run
     assert LeanDecoder.build(model) is None
 
 

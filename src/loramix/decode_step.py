@@ -1,5 +1,5 @@
-"""A lean decode step for Llama-architecture models on a CPU: one new token per row through every layer, the same
-arithmetic as transformers' forward pass without its per-module plumbing.
+"""A lean decode step for Llama-architecture models (Llama, Mistral, Qwen2) on a CPU: one new token per row through
+every layer, the same arithmetic as transformers' forward pass without its per-module plumbing.
 
 On a small CPU a decode step of SmolLM2-135M spends as long in glue as in its matrix products: ~2,000 small
 operators, each wrapped in module calls, mask building and output recording (BENCHMARKS.md, "A lean decode
@@ -28,6 +28,7 @@ import torch
 from loramix.cpu_kernels import HALF_KERNEL_MAX_ROWS, HalfWeightLinear
 from loramix.mixture import MixtureLinear
 
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")  # transformers' layers of this shape (Qwen2: with q/k/v biases)
 ONE_THREAD_MAX_KEYS = 16 * 1024  # rows x context up to which attention is too small to gain from more threads
 LAYER_MODULES = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -118,7 +119,9 @@ class LeanDecoder:
     def build(cls, model: torch.nn.Module) -> LeanDecoder | None:
         """The lean step for this model, or None: not a plain Llama, not on a CPU, or not equal to its forward."""
         config = getattr(model, "config", None)
-        if config is None or getattr(config, "model_type", None) != "llama" or not _plain_llama(model, config):
+        if config is None or getattr(config, "model_type", None) not in LEAN_MODEL_TYPES:
+            return None
+        if not _plain_llama(model, config):
             return None
         if next(model.parameters()).device.type != "cpu":
             return None  # on a GPU, transformers' own step until it is measured there (scripts/gpu_check.sh)
@@ -185,12 +188,13 @@ class LeanDecoder:
 
 
 def _plain_llama(model: torch.nn.Module, config) -> bool:
-    """Layers of exactly the shape `LeanDecoder` runs: no biases, SiLU gate, no sliding window, one TP rank."""
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        return False
+    """Layers of exactly the shape `LeanDecoder` runs: SiLU gate, full attention everywhere (no sliding window, whose
+    mask differs only past the window), one TP rank, transformers' SDPA attention. Biases are the modules' own."""
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
         return False
     if getattr(config, "sliding_window", None) or getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return False
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "norm", "layers")):
