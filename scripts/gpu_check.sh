@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for any session that is lent a GPU: the CUDA tests, `loramix serve` under `loramix loadtest` (its own
-# experts-off route beside the default), and `loramix bench` (scripts/gpu_bench.py), on a randomly initialised
+# experts-off route beside the default), the lean decode step against transformers' (scripts/lean_steps.py: on a
+# GPU loramix uses transformers' step until this says the lean one pays), and `loramix bench` (scripts/gpu_bench.py),
+# on a randomly initialised
 # Llama-2-7b-shaped model with four random r=64 q/v experts in bf16. Under 8 minutes on an H200. Figures go to OUT.
 #
 #   here, once:         scripts/gpu_check.sh prepare    # .gpu/ (tokenizer, embedder config, prompts) and .whl/ (the
@@ -87,6 +89,10 @@ for route in hidden base; do  # the default route, and its own experts-off loop
 done
 kill -TERM $server && wait $server || true
 trap - EXIT
+
+step "the lean decode step against transformers' (paired)"
+$PY scripts/lean_steps.py --bundle "$WORK/bundle" "${PLACE[@]}" --batches 1,16 --steps 40 --gpu \
+  2>&1 | tee "$OUT/lean-steps.txt" || true
 
 step "bench"
 $PY scripts/gpu_bench.py run --assets .gpu --out "$OUT/bench" --work "$WORK/bench" "${SIZE[@]}" "${BENCH[@]}"
