@@ -2,7 +2,8 @@
 # The GPU check, for any session that is lent a GPU: the CUDA tests, `loramix serve` under `loramix loadtest` (its own
 # experts-off route beside the default), the lean decode step against transformers' (scripts/lean_steps.py: on a
 # GPU loramix uses transformers' step until this says the lean one pays), and `loramix bench` (scripts/gpu_bench.py),
-# on a randomly initialised Llama-2-7b-shaped model with four random r=64 q/v experts in bf16. Under 8 minutes on an H200. Figures go to OUT.
+# on a randomly initialised Llama-2-7b-shaped model with four random r=64 q/v experts in bf16. Under 8 minutes on an
+# H200. Figures go to OUT.
 #
 #   here, once:         scripts/gpu_check.sh prepare    # .gpu/ (tokenizer, embedder config, prompts) and .whl/ (the
 #                                                       # serving wheels the GPU image lacks); both git-ignored
