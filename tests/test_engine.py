@@ -86,6 +86,21 @@ def test_a_cancelled_sequence_leaves_and_the_others_are_undisturbed(tiny_mixture
         assert sequences[i].token_ids == alone(tiny_mixture, *requests[i]).token_ids
 
 
+def test_each_token_goes_out_before_the_pass_that_feeds_it(tiny_mixture, monkeypatch):
+    """A step ends on the tokens it picked: the first token right after the prefill, each later one right after the
+    pass that computed its logits, never one decode pass later."""
+    engine = Engine(tiny_mixture)
+    passes = []
+    decode = engine.runner.decode
+    monkeypatch.setattr(engine.runner, "decode", lambda lane: passes.append(len(lane.rows)) or decode(lane))
+    seq = tiny_mixture.new_sequence(PROMPTS[0], GenerationOptions(max_new_tokens=3, min_new_tokens=3), 0)
+    engine.add(seq)
+    assert [len(engine.step()), passes] == [1, []]  # prefill, first token: no decode pass yet
+    assert [len(engine.step()), passes] == [1, [1]]
+    assert [len(engine.step()), passes] == [1, [1, 1]] and seq.finished
+    assert not engine.busy  # the last token is fed to no pass
+
+
 def test_two_streams_interleaved_on_one_model_do_not_disturb_each_other(tiny_mixture):
     """Each stream's routing state is its own: stepping two alternately gives what each gives alone."""
     a = tiny_mixture.stream(PROMPTS[:2], every_k=1, max_new_tokens=10, min_new_tokens=10)

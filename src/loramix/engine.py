@@ -1,15 +1,16 @@
 """Continuous batching: sequences join and leave the running batches between steps.
 
 One `step()`:
-1. admit waiting sequences while the budgets allow (`loramix.scheduler`); those on text routes are routed on
+1. the tokens picked last step are fed: the sequences whose re-route is due get new weights (one router call for
+   all); under decode=recompute they go back to prefill on their whole text under the new weights, the others
+   advance one token, one pass per lane (cancelled ones leave first);
+2. admit waiting sequences while the budgets allow (`loramix.scheduler`); those on text routes are routed on
    their prompts now (one embedder call), those with fixed weights get them;
-2. prefill within the step's token budget (`loramix.runner`): hidden-route newcomers first run the base model up
+3. prefill within the step's token budget (`loramix.runner`): hidden-route newcomers first run the base model up
    to their routing layer and are routed on the prompt's states; then the mixture's own prefill, whole prompts
    together or one chunk of a long one; finished prefills join their lane;
-3. every running sequence picks its next token from its last logits (`loramix.sampler`); finished and cancelled
-   ones leave;
-4. the sequences whose re-route is due get new weights (one router call for all); under decode=recompute they go
-   back to prefill on their whole text under the new weights, the others advance one token, one pass per lane.
+4. every running sequence picks its next token from its last logits (`loramix.sampler`); finished and cancelled
+   ones leave. The step ends here, so each token reaches its caller before the pass that feeds it.
 
 Isolation: a failure that belongs to some sequences (their sampling, routing or prefill) ends those sequences
 alone, with an error event; the others go on as if they had been alone. `GenerationStream` is this loop with
@@ -78,13 +79,15 @@ class Engine:
         return bool(self.scheduler.waiting) or self.running > 0
 
     def step(self) -> list[TokenEvent]:
-        """Admit who fits, prefill within the budget, give every running sequence one token, run the next pass."""
+        """Feed the tokens picked last step (re-route, one decode pass), admit who fits, prefill within the budget,
+        and give every running sequence its next token. The pass comes first so that a token goes out as soon as it
+        is picked, not one decode pass later (a first token included)."""
+        self._advance()
         self._admit()
         self._prefill()
         events: list[TokenEvent] = []
         for lane in self.lanes.values():
             events += self._pick_tokens(lane)
-        self._advance()
         self.steps += 1
         events += self._failed
         self._failed = []
@@ -163,6 +166,9 @@ class Engine:
         return event
 
     def _advance(self) -> None:
+        for lane in self.lanes.values():  # cancelled since their last token: no pass for them
+            if any(seq.cancelled for seq in lane.rows):
+                lane.keep([i for i, seq in enumerate(lane.rows) if not seq.cancelled])
         due = [seq for lane in self.lanes.values() for seq in lane.rows if seq.reroutes_at(seq.step)]
         self._guarded(self._route, due)
         due = set(due)  # sequences compare by identity
