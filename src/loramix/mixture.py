@@ -62,10 +62,8 @@ class MixtureState:
             )
 
     def set_mode(self, mode: str) -> None:
-        mode = canonical_merge(mode)
         self.check_mode(mode)
-        self.mode = mode
-        self.version += 1
+        self.mode, self.version = canonical_merge(mode), self.version + 1
         if self.enabled:  # the coefficients depend on the mode: recompute them from the last weights
             self.set_weights(*self._last)
 
@@ -76,8 +74,7 @@ class MixtureState:
             self.enabled = False
             return
         if weights.dim() != 2 or weights.shape[1] != self.n_experts:
-            shape = tuple(weights.shape)
-            raise LoramixError(f"Routing weights must have shape [batch, {self.n_experts}], got {shape}.")
+            raise LoramixError(f"Routing weights must be [batch, {self.n_experts}], got {tuple(weights.shape)}.")
         self._last = (weights, dtype, device)
         scaled = weights.float() * self.scalings  # w_i * s_i
         if self.mode == "exact":
@@ -89,9 +86,12 @@ class MixtureState:
             coef_a, coef_b = scaled, torch.ones_like(scaled)
         self.coef_a = coef_a.to(device=device, dtype=dtype)
         self.coef_b = None if coef_b is None else coef_b.to(device=device, dtype=dtype)
-        ranks = torch.tensor(self.ranks, device=device)
-        self.scale_a = self.coef_a.repeat_interleave(ranks, dim=1).unsqueeze(1)
+        self.scale_a = self.coef_a.repeat_interleave(torch.tensor(self.ranks, device=device), dim=1).unsqueeze(1)
         self.enabled = True
+
+    def spread(self, rows: torch.Tensor) -> None:
+        """Sequences packed into one row (`loramix.packing`, exact mode): token t takes sequence rows[t]'s scale."""
+        self.scale_a, self.version = self.scale_a[rows].view(1, len(rows), -1), self.version + 1
 
 
 class MixtureLinear(nn.Module):

@@ -25,6 +25,7 @@ from loramix.hardware import describe, resolve_device, resolve_dtype
 from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter
 from loramix.mixture import MixtureState, attach_experts
 from loramix.models import base_model_signature, load_base_model
+from loramix.packing import Packed
 from loramix.router import CentroidRouter, Embedder
 
 
@@ -124,7 +125,7 @@ class RoutedModel:
 
     def forward(
         self, input_ids, attention_mask, position_ids, cache, weights=None, merge: str | None = None,
-        capture: tuple[int, ...] = (), layer_rows: torch.Tensor | None = None,
+        capture: tuple[int, ...] = (), layer_rows: torch.Tensor | None = None, packed: Packed | None = None,
     ):  # fmt: skip
         """Logits of the last position [batch, vocab], the KV cache (a new one if `cache` is None), and the hidden
         states after each layer in `capture` ({layer: [batch, seq, hidden]}, for hidden-state routing).
@@ -133,6 +134,8 @@ class RoutedModel:
         (None: the model's). Both are set on the shared mixture layers inside the same lock as the pass.
         layer_rows: [batch], each row's rule of routing inside each layer (`runner._layer_rows`); their weights for
         the next token, averaged over the layers, are left in `last_layer_weights` [batch, n_experts].
+        packed: several sequences in one row (`loramix.packing`, exact mode, no in-layer rules, no capture): the
+        weights are per sequence, and the logits [n, vocab] those of each sequence's last token.
         """
         from transformers import DynamicCache
 
@@ -141,9 +144,12 @@ class RoutedModel:
             if merge is not None and merge != self.state.mode:
                 self.state.set_mode(merge)
                 self._loaded_weights = None
-            if weights is not self._loaded_weights or weights is None:
+            if weights is not self._loaded_weights or weights is None or packed is not None:
                 self.set_weights(weights)
                 self._loaded_weights = weights
+            if packed is not None and weights is not None:
+                self.state.spread(packed.rows)
+                self._loaded_weights = None  # spread over this pass's tokens: the next pass sets them again
             state = self.state
             state.layer_rows = None if layer_rows is None else layer_rows.view(-1, 1, 1).to(self.device)
             state.layer_codes = () if layer_rows is None else tuple(sorted(set(layer_rows.tolist()) - {0}))
@@ -156,10 +162,11 @@ class RoutedModel:
             else:
                 out = self.model(
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                    logits_to_keep=1, output_hidden_states=bool(capture), **{self._cache_keyword: cache},
+                    logits_to_keep=1 if packed is None else packed.ends, output_hidden_states=bool(capture),
+                    **{self._cache_keyword: cache},
                 )  # fmt: skip
                 hidden = {layer: out.hidden_states[layer] for layer in capture}
-                logits = out.logits[:, -1, :].float()
+                logits = (out.logits[:, -1, :] if packed is None else out.logits[0]).float()
             records, state.layer_rows, state.layer_record = state.layer_record, None, []
         self.last_layer_weights = torch.stack(records).mean(dim=0).cpu() if records else None
         if logits.is_cuda:  # so the time of the forward pass is counted as such, not in whatever waits next

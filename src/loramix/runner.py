@@ -17,6 +17,7 @@ import torch
 from loramix.errors import LoramixError
 from loramix.hidden_router import masked_sum
 from loramix.layer_router import LAYER_RULES
+from loramix.packing import pack, segment_sums, unpack_cache, worth_packing
 from loramix.scheduler import ROUTING, PrefillJob, Work
 from loramix.sequences import SequenceState
 
@@ -151,6 +152,11 @@ class ModelRunner:
         device = self.mx.device
         return ids.to(device), mask.to(device), left_padded_positions(mask).to(device)
 
+    def _packs(self, texts: list[list[int]]) -> bool:
+        """Whether whole prompts go in one packed row: padding would waste enough, and attention takes a mask."""
+        attention = getattr(self.mx.model.config, "_attn_implementation", None)
+        return attention == "sdpa" and worth_packing([len(text) for text in texts])
+
     def _chunk_tensors(self, job: PrefillJob, start: int, end: int):
         device = self.mx.device
         ids = torch.tensor([job.text[start:end]], device=device)
@@ -164,10 +170,16 @@ class ModelRunner:
         seqs = [job.seq for job in work.jobs]
         layers = _hidden_layers(seqs)
         start = time.perf_counter()
-        if work.chunk is None:
-            ids, mask, positions = self._tensors([job.text for job in work.jobs])
+        texts = [job.text for job in work.jobs]
+        if work.chunk is None and self._packs(texts):
+            packed = pack(texts, self.mx.device)
+            states = self.mx.base_hidden_states(packed.ids, packed.mask, packed.positions, layers)
+            sums = {layer: segment_sums(state.float(), packed).cpu() for layer, state in states.items()}
+        elif work.chunk is None:
+            ids, mask, positions = self._tensors(texts)
             states = self.mx.base_hidden_states(ids, mask, positions, layers)
             sums = {layer: masked_sum(state.float(), mask).cpu() for layer, state in states.items()}
+        if work.chunk is None:
             for row, job in enumerate(work.jobs):
                 job.seq.hidden_sum = sums[job.seq.policy.hidden_layer][row]
                 job.seq.hidden_count = len(job.text)
@@ -197,8 +209,13 @@ class ModelRunner:
         # a re-run (decode=recompute) processes one token no pass has yet: hidden routing counts it
         again = [s for s in seqs if s.step > 0 and s.policy.hidden_layer is not None]
         start = time.perf_counter()
-        if work.chunk is None:
-            ids, mask, positions = self._tensors([job.text for job in work.jobs])
+        texts, layer_rows, packed = [job.text for job in work.jobs], _layer_rows(seqs), None
+        if work.chunk is None and not again and layer_rows is None and work.jobs[0].merge == "exact":
+            packed = pack(texts, mx.device) if self._packs(texts) else None  # per-row weights: exact mode only
+        if packed is not None:
+            ids, mask, positions, cache = packed.ids, packed.mask, packed.positions, None
+        elif work.chunk is None:
+            ids, mask, positions = self._tensors(texts)
             cache = None
         else:
             (job,), (begin, end) = work.jobs, work.chunk
@@ -207,8 +224,11 @@ class ModelRunner:
         finishing = work.chunk is None or work.chunk[1] == len(work.jobs[0].text)
         capture = _hidden_layers(again) if finishing else ()
         logits, cache, hidden = mx.forward(
-            ids, mask, positions, cache, weights, work.jobs[0].merge, capture=capture, layer_rows=_layer_rows(seqs)
-        )
+            ids, mask, positions, cache, weights, work.jobs[0].merge, capture=capture, layer_rows=layer_rows,
+            packed=packed,
+        )  # fmt: skip
+        if packed is not None:
+            mask = unpack_cache(cache, packed)  # each sequence its own left-padded row, as a padded pass leaves it
         self.timing["prefill"] += time.perf_counter() - start
         _take_layer_weights(mx, seqs)
         if not finishing:
