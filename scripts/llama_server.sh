@@ -68,7 +68,8 @@ serve)
     --host 127.0.0.1 --port "$PORT" -np 16 -c 16384 -t "$(nproc)" --alias smollm2
   ;;
 compare)
-  # $ROUNDS rounds (default 1), each: llama-server then loramix at every type, so drift shows as spread between rounds.
+  # $ROUNDS rounds (default 1), each: llama-server then loramix at every type, so drift shows as spread between rounds;
+  # $TAG (e.g. -packed) goes into the files' names.
   # llama-server runs with its prompt cache off (`--flavour llama.cpp`): every level repeats the same 16 prompts,
   # which it would otherwise answer from that cache while loramix computes them again.
   out=benchmarks/peer-side-by-side
@@ -79,8 +80,8 @@ compare)
   up() { for _ in $(seq 1 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
   rounds=${ROUNDS:-1}
   for round in $(seq 1 "$rounds"); do
-    tag=""
-    [ "$rounds" -gt 1 ] && tag="-r$round"
+    tag=${TAG:-}  # e.g. TAG=-packed keeps these files apart from earlier runs
+    [ "$rounds" -gt 1 ] && tag="$tag-r$round"
     for type in "${types[@]}"; do
       "$0" serve $type 0.25 >"$WORK/llama-server-$type.log" 2>&1 &
       server=$!
