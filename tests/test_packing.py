@@ -36,9 +36,9 @@ def test_unpacked_cache_is_left_padded_rows():
         values = -torch.arange(5.0).view(1, 1, 5, 1)
 
     cache = type("Cache", (), {"layers": [Layer()]})()
-    packed = pack([[1, 2, 3], [4, 5]], torch.device("cpu"))
-    mask = unpack_cache(cache, packed)
-    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    texts = [[1, 2, 3], [4, 5]]
+    unpack_cache(cache, pack(texts, torch.device("cpu")))
+    assert runner.left_pad(texts, pad_id=0)[1].tolist() == [[1, 1, 1], [0, 1, 1]]  # the rows' mask, as the runner's
     assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2], [0, 3, 4]]
     assert cache.layers[0].values[:, 0, :, 0].tolist() == [[0, -1, -2], [0, -3, -4]]
 

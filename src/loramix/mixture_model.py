@@ -146,10 +146,10 @@ class RoutedModel:
                 self._loaded_weights = None
             if weights is not self._loaded_weights or weights is None or packed is not None:
                 self.set_weights(weights)
-                self._loaded_weights = weights
+                # weights spread over a packed pass's tokens hold for that pass only: the next one sets them again
+                self._loaded_weights = weights if packed is None else None
             if packed is not None and weights is not None:
                 self.state.spread(packed.rows)
-                self._loaded_weights = None  # spread over this pass's tokens: the next pass sets them again
             state = self.state
             state.layer_rows = None if layer_rows is None else layer_rows.view(-1, 1, 1).to(self.device)
             state.layer_codes = () if layer_rows is None else tuple(sorted(set(layer_rows.tolist()) - {0}))

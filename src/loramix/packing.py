@@ -54,9 +54,9 @@ def segment_sums(states: torch.Tensor, packed: Packed) -> torch.Tensor:
     return sums.index_add_(0, packed.rows, states[0])
 
 
-def unpack_cache(cache, packed: Packed) -> torch.Tensor:
+def unpack_cache(cache, packed: Packed) -> None:
     """Cut each sequence's keys and values out of the packed cache [1, heads, T, dim] into left-padded rows
-    [n, heads, max length, dim], in place; returns the rows' attention mask [n, max length]."""
+    [n, heads, max length, dim], in place (their mask is `runner.left_pad`'s for the same texts)."""
     width, starts = max(packed.lengths), [0, *torch.tensor(packed.lengths).cumsum(0).tolist()[:-1]]
 
     def rows_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,3 @@ def unpack_cache(cache, packed: Packed) -> torch.Tensor:
 
     for layer in cache.layers:
         layer.keys, layer.values = rows_of(layer.keys), rows_of(layer.values)
-    mask = torch.zeros(len(packed.lengths), width, dtype=torch.long, device=packed.ids.device)
-    for row, length in enumerate(packed.lengths):
-        mask[row, width - length :] = 1
-    return mask

@@ -170,16 +170,16 @@ class ModelRunner:
         seqs = [job.seq for job in work.jobs]
         layers = _hidden_layers(seqs)
         start = time.perf_counter()
-        texts = [job.text for job in work.jobs]
-        if work.chunk is None and self._packs(texts):
-            packed = pack(texts, self.mx.device)
-            states = self.mx.base_hidden_states(packed.ids, packed.mask, packed.positions, layers)
-            sums = {layer: segment_sums(state.float(), packed).cpu() for layer, state in states.items()}
-        elif work.chunk is None:
-            ids, mask, positions = self._tensors(texts)
-            states = self.mx.base_hidden_states(ids, mask, positions, layers)
-            sums = {layer: masked_sum(state.float(), mask).cpu() for layer, state in states.items()}
         if work.chunk is None:
+            texts = [job.text for job in work.jobs]
+            if self._packs(texts):
+                packed = pack(texts, self.mx.device)
+                states = self.mx.base_hidden_states(packed.ids, packed.mask, packed.positions, layers)
+                sums = {layer: segment_sums(state.float(), packed).cpu() for layer, state in states.items()}
+            else:
+                ids, mask, positions = self._tensors(texts)
+                states = self.mx.base_hidden_states(ids, mask, positions, layers)
+                sums = {layer: masked_sum(state.float(), mask).cpu() for layer, state in states.items()}
             for row, job in enumerate(work.jobs):
                 job.seq.hidden_sum = sums[job.seq.policy.hidden_layer][row]
                 job.seq.hidden_count = len(job.text)
@@ -210,8 +210,10 @@ class ModelRunner:
         again = [s for s in seqs if s.step > 0 and s.policy.hidden_layer is not None]
         start = time.perf_counter()
         texts, layer_rows, packed = [job.text for job in work.jobs], _layer_rows(seqs), None
-        if work.chunk is None and not again and layer_rows is None and work.jobs[0].merge == "exact":
-            packed = pack(texts, mx.device) if self._packs(texts) else None  # per-row weights: exact mode only
+        # weights per token exist in exact mode only; in-layer rules and re-runs need a row per sequence
+        row_per_sequence = bool(again) or layer_rows is not None or work.jobs[0].merge != "exact"
+        if work.chunk is None and not row_per_sequence and self._packs(texts):
+            packed = pack(texts, mx.device)
         if packed is not None:
             ids, mask, positions, cache = packed.ids, packed.mask, packed.positions, None
         elif work.chunk is None:
@@ -227,8 +229,9 @@ class ModelRunner:
             ids, mask, positions, cache, weights, work.jobs[0].merge, capture=capture, layer_rows=layer_rows,
             packed=packed,
         )  # fmt: skip
-        if packed is not None:
-            mask = unpack_cache(cache, packed)  # each sequence its own left-padded row, as a padded pass leaves it
+        if packed is not None:  # each sequence its own left-padded row, as a padded pass leaves it
+            unpack_cache(cache, packed)
+            mask = self._tensors(texts)[1]
         self.timing["prefill"] += time.perf_counter() - start
         _take_layer_weights(mx, seqs)
         if not finishing:
