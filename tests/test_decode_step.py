@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import make_random_expert, make_tiny_base
-from loramix import decode_step
+from loramix import decode_step, native_fp16
 from loramix.adapters import load_expert
 from loramix.cpu_kernels import HALF_KERNEL_MAX_ROWS, fbgemm_fp16_available, pack_fp16_linears
 from loramix.decode_step import LeanDecoder
@@ -76,33 +76,48 @@ def test_lean_step_keeps_in_layer_routing_and_its_recorded_weights(every_project
     assert full_weights is not None and torch.equal(lean_weights, full_weights)
 
 
-@pytest.mark.skipif(not fbgemm_fp16_available(), reason="FBGEMM's fp16 product is x86 (AVX2) only")
-def test_fp16_weights_step_on_one_thread_through_the_kernels_equal_to_transformers_there(every_projection, monkeypatch):
-    mixture = _mixture(every_projection, half=True)
-    assert mixture.decoder.half_weights and mixture.decoder.fast is not mixture.decoder.plain
+def _sdpa_threads(monkeypatch) -> list[int]:
+    """The thread count of every SDPA call from now on (it runs once a layer, full path or lean)."""
     threads, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: threads.append(torch.get_num_threads()) or sdpa(*a, **k))  # fmt: skip
+    return threads
+
+
+def _on_threads(count: int, action):
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the full path on the same one thread: the same reductions, so the same bits
+    torch.set_num_threads(count)
     try:
-        (full, _, _), (lean, _, _) = _decode_both_ways(mixture, "exact")
+        return action()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not fbgemm_fp16_available(), reason="FBGEMM's fp16 product is x86 (AVX2) only")
+@pytest.mark.parametrize("shim", [True, False], ids=["native-shim", "torch-kernel"])
+def test_fp16_weights_step_on_one_thread_through_the_kernels_equal_to_transformers_there(
+    every_projection, monkeypatch, shim
+):
+    if not shim:
+        monkeypatch.setattr(native_fp16, "library", lambda: None)
+    elif native_fp16.library() is None:
+        pytest.skip("no C++ compiler here to build loramix.native_fp16")
+    mixture = _mixture(every_projection, half=True)
+    assert mixture.decoder.half_weights and mixture.decoder.fast is not mixture.decoder.plain
+    threads = _sdpa_threads(monkeypatch)
+    # the full path on one thread: the same reductions, so the same bits (the shim's products are torch's anyway)
+    (full, _, _), (lean, _, _) = _on_threads(1, lambda: _decode_both_ways(mixture, "exact"))
     assert torch.equal(lean, full)
     threads.clear()
-    torch.set_num_threads(2)
-    try:
-        _decode_both_ways(mixture, "exact", rows=2)
-        few = list(threads)
-        threads.clear()
-        _decode_both_ways(mixture, "exact", rows=HALF_KERNEL_MAX_ROWS + 1)
-        many = list(threads)
-    finally:
-        torch.set_num_threads(before)
+    few = _on_threads(2, lambda: _decode_both_ways(mixture, "exact", rows=2)) and list(threads)
+    threads.clear()
+    many = _on_threads(2, lambda: _decode_both_ways(mixture, "exact", rows=HALF_KERNEL_MAX_ROWS + 1)) and list(threads)
     # each call: prefill (2 layers, full path) then decode, full path then lean; only the lean decode is on one thread
     assert few[-2:] == [1, 1] and set(few[:-2]) == {2}
-    assert set(many) == {2}  # more rows than FBGEMM is used for: module products on every thread, as before
+    if shim:  # FBGEMM on both threads takes any number of rows: the lean step too, its small operators on one
+        assert many[-2:] == [1, 1] and set(many[:-2]) == {2}
+    else:  # more rows than torch's one-thread FBGEMM is used for: module products on every thread, as before
+        assert set(many) == {2}
 
 
 def _random_model(model_type: str, **changes) -> torch.nn.Module:

@@ -1,6 +1,7 @@
 """Placement's CPU side: bf16 Linears on a CPU without bf16 instructions take the bf16 kernel for a few rows and
-fp32 products of the same stored weights for more; fp16 weights take FBGEMM's product for a few rows and fp32
-products for more, around fp32 activations; the auto dtype comes from a probe of both row counts."""
+fp32 products of the same stored weights for more; fp16 weights take FBGEMM's product (without the native shim:
+for a few rows, and fp32 products for more) around fp32 activations; the auto dtype comes from a probe of both row
+counts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pytest
 import torch
 
-from loramix import cpu_kernels, hardware
+from loramix import cpu_kernels, hardware, native_fp16
 from loramix.cpu_kernels import (
     BF16_KERNEL_MAX_ROWS,
     HALF_KERNEL_MAX_ROWS,
@@ -66,19 +67,20 @@ def test_only_bf16_models_on_cpus_without_bf16_instructions_are_adapted(monkeypa
 
 
 @needs_fbgemm
-def test_fp16_weights_take_fbgemm_for_few_rows_and_fp32_products_for_many(monkeypatch):
+def test_without_the_shim_fp16_weights_take_torchs_fbgemm_for_few_rows_and_fp32_products_for_many(monkeypatch):
+    monkeypatch.setattr(native_fp16, "library", lambda: None)  # no compiler: torch's one-thread product
     width = UPCAST_CHUNK + 16  # two chunks of output rows
     model = torch.nn.Linear(32, width)
     rounded = model.weight.detach().half().float()  # what the layer must multiply by: the fp16 weight, exactly
     bias = model.bias.detach().clone()
-    assert pack_fp16_linears(torch.nn.Sequential(model)) == 1 and type(model) is HalfWeightLinear
-    assert model.weight.dtype == torch.float16 and model.bias.dtype == torch.float32
     kernels = []
     fbgemm, linear = torch.fbgemm_linear_fp16_weight_fp32_activation, torch.nn.functional.linear
     monkeypatch.setattr(torch, "fbgemm_linear_fp16_weight_fp32_activation",
                         lambda *args: kernels.append("fbgemm") or fbgemm(*args))  # fmt: skip
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: kernels.append((x.dtype, w.shape[0]))
                         or linear(x, w, b))  # fmt: skip
+    assert pack_fp16_linears(torch.nn.Sequential(model)) == 1 and type(model) is HalfWeightLinear
+    assert model.weight.dtype == torch.float16 and model.bias.dtype == torch.float32
     generator = torch.Generator().manual_seed(1)
     few = torch.randn(1, HALF_KERNEL_MAX_ROWS, 32, generator=generator)
     assert torch.allclose(model(few), linear(few, rounded, bias), rtol=1e-5, atol=1e-5)  # fp32 arithmetic

@@ -10,7 +10,8 @@ everywhere (BENCHMARKS.md, "Half-precision weights on a CPU"), hence two layers:
 - fp16 weights, on an x86 CPU with FBGEMM (AVX2): `HalfWeightLinear`. The weight is stored in fp16 and packed for
   FBGEMM's fp16 product, which takes fp32 activations and accumulates in fp32: only the weights are rounded, to 11
   significant bits (bf16 keeps 8), and the model around them (embeddings, norms, attention, the experts' LoRA
-  matrices, the KV cache) stays fp32. FBGEMM's product is single-threaded, so from HALF_KERNEL_MAX_ROWS rows on
+  matrices, the KV cache) stays fp32. torch runs FBGEMM's product on one thread; `loramix.native_fp16` runs it on all
+  of torch's threads, faster than fp32 at every row count. Without that shim, from HALF_KERNEL_MAX_ROWS rows on
   (prefill) the fp16 weight is converted to fp32 in chunks and multiplied on all threads instead.
 """
 
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 
+from loramix import native_fp16
+
 BF16_KERNEL_MAX_ROWS = 4
-HALF_KERNEL_MAX_ROWS = 32  # crossover, 2 threads: FBGEMM 0.31 ms vs fp32 0.52 at 16 rows, 1.27 vs 0.98 at 64
+HALF_KERNEL_MAX_ROWS = 32  # torch's 1-thread FBGEMM vs 2-thread fp32: 0.31 vs 0.52 ms at 16 rows, 1.27 vs 0.98 at 64
 UPCAST_CHUNK = 2048
 
 # torch marks FBGEMM's fp16 ops deprecated (torch.ao's successor, torchao, has no CPU fp16 kernel); torch is pinned.
@@ -84,22 +88,26 @@ class RowAdaptiveLinear(torch.nn.Linear):
 
 
 class HalfWeightLinear(torch.nn.Linear):
-    """An fp16 weight (and fp32 bias) applied to fp32 activations: FBGEMM's packed product for up to
-    HALF_KERNEL_MAX_ROWS rows, fp32 products of the converted weight for more. The fp16 weight stays a parameter
-    (state dicts, PEFT and `.weight` readers see it); the packed copy is FBGEMM's and is rebuilt from it."""
+    """An fp16 weight (and fp32 bias) applied to fp32 activations through FBGEMM's packed product. The fp16 weight
+    stays a parameter (state dicts, PEFT and `.weight` readers see it); the packed copy is FBGEMM's, rebuilt from
+    it. Where `loramix.native_fp16` is built the product runs on all of torch's threads and takes any number of rows
+    (it beats fp32 from 1 to 2,048 rows); else on torch's one thread, for up to HALF_KERNEL_MAX_ROWS rows, and more
+    rows go through fp32 products of the converted weight."""
 
-    packed: torch.Tensor
-    kernel: functools.partial  # x -> x W^T + b through FBGEMM, for callers whose rows are known to be few
+    kernel: Callable[[torch.Tensor], torch.Tensor]  # fp32 x -> x W^T + b through FBGEMM
+    kernel_max_rows: float  # most rows `kernel` is the faster product for
 
     def pack(self) -> None:
-        self.packed = torch.fbgemm_pack_gemm_matrix_fp16(self.weight.detach().float())
-        self.kernel = functools.partial(
-            torch.fbgemm_linear_fp16_weight_fp32_activation, packed_weight=self.packed, bias=self.bias
-        )
+        native = native_fp16.pack(self.weight, self.bias)
+        self.kernel = native or self._torch_kernel(torch.fbgemm_pack_gemm_matrix_fp16(self.weight.detach().float()))
+        self.kernel_max_rows = float("inf") if native else HALF_KERNEL_MAX_ROWS
+
+    def _torch_kernel(self, packed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= HALF_KERNEL_MAX_ROWS * x.shape[-1]:
-            return torch.fbgemm_linear_fp16_weight_fp32_activation(x.float(), self.packed, self.bias)
+        if x.numel() <= self.kernel_max_rows * x.shape[-1]:
+            return self.kernel(x.float())
         return _upcast_linear(x, self.weight, self.bias)
 
 

@@ -26,7 +26,7 @@ from copy import deepcopy
 
 import torch
 
-from loramix.cpu_kernels import HALF_KERNEL_MAX_ROWS, HalfWeightLinear
+from loramix.cpu_kernels import HalfWeightLinear
 from loramix.mixture import MixtureLinear
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")  # transformers' layers of this shape (Qwen2: with q/k/v biases)
@@ -108,7 +108,9 @@ class LeanDecoder:
         config, inner = model.config, model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.half_weights = isinstance(_base(inner.layers[0].mlp.down_proj), HalfWeightLinear)
+        probe = _base(inner.layers[0].mlp.down_proj)
+        self.half_weights = isinstance(probe, HalfWeightLinear)
+        self.kernel_max_rows = probe.kernel_max_rows if self.half_weights else 0  # rows the `fast` plan takes
         # each layer's parts, looked up once (a step would otherwise spend a millisecond in nn.Module lookups), with
         # its products as module calls (`plain`) and, for fp16 weights and few rows, as FBGEMM's kernel (`fast`)
         self.plain = [_layer_parts(layer, _module_product) for layer in inner.layers]
@@ -133,7 +135,7 @@ class LeanDecoder:
         """Logits [b, vocab] of the token after `input_ids` [b, 1] and the hidden states after each layer in
         `capture` ({layer: [b, 1, d]}, as transformers' `hidden_states[layer]`); the cache grows by one token."""
         rows, keys = attention_mask.shape
-        one_thread = self.half_weights and rows <= HALF_KERNEL_MAX_ROWS and rows * keys <= ONE_THREAD_MAX_KEYS
+        one_thread = rows <= self.kernel_max_rows and rows * keys <= ONE_THREAD_MAX_KEYS
         with torch.no_grad(), _threads(1 if one_thread else None):
             return self._step(input_ids, attention_mask, position_ids, cache, capture)
 
@@ -144,7 +146,7 @@ class LeanDecoder:
         rope = _rope_factors(cos, sin)
         mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
         hidden = {0: h} if 0 in capture else {}
-        layers = self.fast if input_ids.shape[0] <= HALF_KERNEL_MAX_ROWS else self.plain
+        layers = self.fast if input_ids.shape[0] <= self.kernel_max_rows else self.plain
         for index, parts in enumerate(layers):
             h = self._layer(parts, index, h, rope, mask, cache)
             if index + 1 in capture:

@@ -1,0 +1,133 @@
+"""FBGEMM's fp16-weight product on every thread torch uses, through a small compiled shim.
+
+torch calls FBGEMM's fp16 product (`torch.fbgemm_linear_fp16_weight_fp32_activation`) on one thread. A decode step's
+products are bound by how fast the weights stream from memory, and on a small CPU one core reads them at about
+half the machine's rate: two processes streaming weights at once each kept one's speed (BENCHMARKS.md, "FBGEMM's
+fp16 product on both cores"). FBGEMM itself splits a product's output columns over threads (its `thread_id` of
+`num_threads`), each column through the same kernel in the same order as on one thread, so the products are torch's
+bit for bit.
+
+`csrc/half_gemm.cpp` calls it: a few lines of C++ compiled once per torch version into the loramix home against the
+FBGEMM inside torch's own library, and loaded with ctypes. Where it cannot be built or does not match torch's
+product on a probe (no C++ compiler, not x86, `LORAMIX_NATIVE=0`), `library()` is None and callers keep torch's call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from loramix.paths import PACKAGE_ROOT, loramix_home
+
+SOURCE = PACKAGE_ROOT / "csrc" / "half_gemm.cpp"
+STUB_HEADERS = PACKAGE_ROOT / "csrc" / "stub"  # asmjit's, which FBGEMM's headers include and torch does not ship
+BUILD_SECONDS = 180
+
+
+def _torch_dirs() -> tuple[Path, Path]:
+    root = Path(torch.__file__).resolve().parent
+    return root / "include", root / "lib"
+
+
+def _build_key() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for header in sorted(STUB_HEADERS.rglob("*.h")):
+        digest.update(header.read_bytes())
+    digest.update(f"{torch.__version__} {platform.machine()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _build(target: Path) -> bool:
+    """Compile the shim to `target` (written whole or not at all, so concurrent builds cannot half-write it)."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    include, lib = _torch_dirs()
+    if compiler is None or not (include / "fbgemm" / "FbgemmFP16.h").is_file():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [
+            compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-I{STUB_HEADERS}", f"-I{include}",
+            str(SOURCE), "-o", str(built), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
+        ]  # fmt: skip
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=BUILD_SECONDS)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        os.replace(built, target)
+    return True
+
+
+def _declare(shim: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    shim.loramix_half_pack.restype, shim.loramix_half_pack.argtypes = pointer, [integer, integer, pointer]
+    shim.loramix_half_free.restype, shim.loramix_half_free.argtypes = None, [pointer]
+    shim.loramix_half_gemm.restype = None
+    shim.loramix_half_gemm.argtypes = [integer, pointer, pointer, pointer, pointer, integer]
+    return shim
+
+
+def _matches_torch(shim: ctypes.CDLL) -> bool:
+    """The shim's product of a random layer on several threads, against torch's: equal to the last bit?"""
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(200, 72, generator=generator), torch.randn(200, generator=generator)
+    x = torch.randn(3, 72, generator=generator)
+    layer = PackedHalf(weight, bias, threads=2, shim=shim)
+    expected = torch.fbgemm_linear_fp16_weight_fp32_activation(x, torch.fbgemm_pack_gemm_matrix_fp16(weight), bias)
+    return torch.equal(layer(x), expected)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled shim, built on first use; None where it cannot be built or does not match torch's product."""
+    if os.environ.get("LORAMIX_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    target = loramix_home() / "native" / f"half_gemm-{_build_key()}.so"
+    if not target.is_file() and not _build(target):
+        return None
+    try:
+        shim = _declare(ctypes.CDLL(str(target)))
+        return shim if _matches_torch(shim) else None
+    except (OSError, RuntimeError, AttributeError):
+        return None
+
+
+class PackedHalf:
+    """x [..., k] -> x W^T + b with W [n, k] stored as FBGEMM's packed fp16, computed on `threads` threads."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threads: int, shim: ctypes.CDLL):
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.threads, self._shim = threads, shim
+        source = weight.detach().float().contiguous()
+        self.handle = shim.loramix_half_pack(self.in_features, self.out_features, source.data_ptr())
+        if not self.handle:
+            raise RuntimeError("FBGEMM could not pack this weight.")
+        weakref.finalize(self, shim.loramix_half_free, self.handle)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        rows = x.numel() // self.in_features
+        out = torch.empty(*x.shape[:-1], self.out_features)
+        bias = None if self.bias is None else self.bias.data_ptr()
+        self._shim.loramix_half_gemm(rows, x.data_ptr(), self.handle, bias, out.data_ptr(), self.threads)
+        return out
+
+    def __deepcopy__(self, memo) -> PackedHalf:
+        raise TypeError("A packed fp16 weight is not copied; copy the model before its Linears are packed.")
+
+
+def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedHalf | None:
+    """`weight` packed for the shim on torch's thread count, or None where there is no shim."""
+    shim = library()
+    return None if shim is None else PackedHalf(weight, bias, torch.get_num_threads(), shim)
