@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import make_random_expert, make_tiny_base
-from loramix import decode_step, native_fp16
+from loramix import decode_step, native
 from loramix.adapters import load_expert
 from loramix.cpu_kernels import HALF_KERNEL_MAX_ROWS, fbgemm_fp16_available, pack_fp16_linears
 from loramix.decode_step import LeanDecoder
@@ -94,18 +94,13 @@ def _on_threads(count: int, action):
 
 
 @pytest.mark.skipif(not fbgemm_fp16_available(), reason="FBGEMM's fp16 product is x86 (AVX2) only")
-@pytest.mark.parametrize("shim", [True, False], ids=["native-shim", "torch-kernel"])
-def test_fp16_weights_step_on_one_thread_through_the_kernels_equal_to_transformers_there(
-    every_projection, monkeypatch, shim
-):
-    if not shim:
-        monkeypatch.setattr(native_fp16, "library", lambda: None)
-    elif native_fp16.library() is None:
-        pytest.skip("no C++ compiler here to build loramix.native_fp16")
+def test_fp16_weights_step_on_one_thread_through_the_kernels_equal_to_transformers_there(every_projection, monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)  # torch's one-thread FBGEMM, torch's operators
     mixture = _mixture(every_projection, half=True)
     assert mixture.decoder.half_weights and mixture.decoder.fast is not mixture.decoder.plain
+    assert mixture.decoder.native is None
     threads = _sdpa_threads(monkeypatch)
-    # the full path on one thread: the same reductions, so the same bits (the shim's products are torch's anyway)
+    # the full path on one thread: the same reductions, so the same bits
     (full, _, _), (lean, _, _) = _on_threads(1, lambda: _decode_both_ways(mixture, "exact"))
     assert torch.equal(lean, full)
     threads.clear()
@@ -114,10 +109,33 @@ def test_fp16_weights_step_on_one_thread_through_the_kernels_equal_to_transforme
     many = _on_threads(2, lambda: _decode_both_ways(mixture, "exact", rows=HALF_KERNEL_MAX_ROWS + 1)) and list(threads)
     # each call: prefill (2 layers, full path) then decode, full path then lean; only the lean decode is on one thread
     assert few[-2:] == [1, 1] and set(few[:-2]) == {2}
-    if shim:  # FBGEMM on both threads takes any number of rows: the lean step too, its small operators on one
-        assert many[-2:] == [1, 1] and set(many[:-2]) == {2}
-    else:  # more rows than torch's one-thread FBGEMM is used for: module products on every thread, as before
-        assert set(many) == {2}
+    assert set(many) == {2}  # more rows than torch's one-thread FBGEMM is used for: module products on every thread
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Equal to float rounding: within 1e-5 of the largest magnitude (fp32 sums in another order)."""
+    return bool((ours - theirs).abs().max() <= 1e-5 * max(1.0, float(theirs.abs().max())))
+
+
+@pytest.mark.skipif(native.library() is None, reason="no native library here (no C++ compiler, or not x86)")
+@pytest.mark.parametrize(
+    ("merge", "padded", "layer_rows"),
+    [("exact", True, None), ("exact", False, None), ("linear", True, None), ("paper", True, None),
+     ("exact", True, [1, 0, 2])],
+)  # fmt: skip
+def test_fp16_weights_step_in_native_kernels_agrees_with_transformers(every_projection, merge, padded, layer_rows):
+    """Every merge mode, padding and the in-layer rules: logits, captured hidden states and each layer's weights
+    to float rounding (the norms and softmax sum in another order), and the same greedy tokens."""
+    mixture = _mixture(every_projection, half=True)
+    assert mixture.decoder.native is not None
+    rows = torch.tensor(layer_rows) if layer_rows else None
+    (full, full_hidden, full_weights), (lean, lean_hidden, lean_weights) = _decode_both_ways(
+        mixture, merge, padded=padded, layer_rows=rows
+    )
+    assert _close(lean, full) and torch.equal(lean.argmax(-1), full.argmax(-1))
+    assert sorted(lean_hidden) == [0, 1, 2] and all(_close(lean_hidden[i], full_hidden[i]) for i in full_hidden)
+    if layer_rows:
+        assert _close(lean_weights, full_weights)
 
 
 def _random_model(model_type: str, **changes) -> torch.nn.Module:

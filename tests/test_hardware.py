@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from loramix import cpu_kernels, hardware, native_fp16
+from loramix import cpu_kernels, hardware, native
 from loramix.cpu_kernels import (
     BF16_KERNEL_MAX_ROWS,
     HALF_KERNEL_MAX_ROWS,
@@ -68,7 +68,7 @@ def test_only_bf16_models_on_cpus_without_bf16_instructions_are_adapted(monkeypa
 
 @needs_fbgemm
 def test_without_the_shim_fp16_weights_take_torchs_fbgemm_for_few_rows_and_fp32_products_for_many(monkeypatch):
-    monkeypatch.setattr(native_fp16, "library", lambda: None)  # no compiler: torch's one-thread product
+    monkeypatch.setattr(native, "library", lambda: None)  # no compiler: torch's one-thread product
     width = UPCAST_CHUNK + 16  # two chunks of output rows
     model = torch.nn.Linear(32, width)
     rounded = model.weight.detach().half().float()  # what the layer must multiply by: the fp16 weight, exactly

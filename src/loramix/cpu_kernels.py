@@ -10,7 +10,7 @@ everywhere (BENCHMARKS.md, "Half-precision weights on a CPU"), hence two layers:
 - fp16 weights, on an x86 CPU with FBGEMM (AVX2): `HalfWeightLinear`. The weight is stored in fp16 and packed for
   FBGEMM's fp16 product, which takes fp32 activations and accumulates in fp32: only the weights are rounded, to 11
   significant bits (bf16 keeps 8), and the model around them (embeddings, norms, attention, the experts' LoRA
-  matrices, the KV cache) stays fp32. torch runs FBGEMM's product on one thread; `loramix.native_fp16` runs it on all
+  matrices, the KV cache) stays fp32. torch runs FBGEMM's product on one thread; `loramix.native` runs it on all
   of torch's threads, faster than fp32 at every row count. Without that shim, from HALF_KERNEL_MAX_ROWS rows on
   (prefill) the fp16 weight is converted to fp32 in chunks and multiplied on all threads instead.
 """
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from loramix import native_fp16
+from loramix import native
 
 BF16_KERNEL_MAX_ROWS = 4
 HALF_KERNEL_MAX_ROWS = 32  # torch's 1-thread FBGEMM vs 2-thread fp32: 0.31 vs 0.52 ms at 16 rows, 1.27 vs 0.98 at 64
@@ -90,7 +90,7 @@ class RowAdaptiveLinear(torch.nn.Linear):
 class HalfWeightLinear(torch.nn.Linear):
     """An fp16 weight (and fp32 bias) applied to fp32 activations through FBGEMM's packed product. The fp16 weight
     stays a parameter (state dicts, PEFT and `.weight` readers see it); the packed copy is FBGEMM's, rebuilt from
-    it. Where `loramix.native_fp16` is built the product runs on all of torch's threads and takes any number of rows
+    it. Where `loramix.native` is built the product runs on all of torch's threads and takes any number of rows
     (it beats fp32 from 1 to 2,048 rows); else on torch's one thread, for up to HALF_KERNEL_MAX_ROWS rows, and more
     rows go through fp32 products of the converted weight."""
 
@@ -98,9 +98,9 @@ class HalfWeightLinear(torch.nn.Linear):
     kernel_max_rows: float  # most rows `kernel` is the faster product for
 
     def pack(self) -> None:
-        native = native_fp16.pack(self.weight, self.bias)
-        self.kernel = native or self._torch_kernel(torch.fbgemm_pack_gemm_matrix_fp16(self.weight.detach().float()))
-        self.kernel_max_rows = float("inf") if native else HALF_KERNEL_MAX_ROWS
+        packed = native.pack(self.weight, self.bias)
+        self.kernel = packed or self._torch_kernel(torch.fbgemm_pack_gemm_matrix_fp16(self.weight.detach().float()))
+        self.kernel_max_rows = float("inf") if packed else HALF_KERNEL_MAX_ROWS
 
     def _torch_kernel(self, packed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, self.bias)

@@ -26,8 +26,10 @@ from copy import deepcopy
 
 import torch
 
+from loramix import native
 from loramix.cpu_kernels import HalfWeightLinear
 from loramix.mixture import MixtureLinear
+from loramix.native_step import NativeStep
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")  # transformers' layers of this shape (Qwen2: with q/k/v biases)
 ONE_THREAD_MAX_KEYS = 16 * 1024  # rows x context up to which attention is too small to gain from more threads
@@ -117,6 +119,9 @@ class LeanDecoder:
         self.fast = (
             [_layer_parts(layer, _kernel_product) for layer in inner.layers] if self.half_weights else self.plain
         )
+        # fp16 weights on all threads (`loramix.native` built): the whole step in native kernels
+        native_kernels = self.half_weights and isinstance(probe.kernel, native.PackedHalf)
+        self.native = NativeStep(model, self.heads, self.kv_heads, self.head_dim) if native_kernels else None
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> LeanDecoder | None:
@@ -135,6 +140,9 @@ class LeanDecoder:
         """Logits [b, vocab] of the token after `input_ids` [b, 1] and the hidden states after each layer in
         `capture` ({layer: [b, 1, d]}, as transformers' `hidden_states[layer]`); the cache grows by one token."""
         rows, keys = attention_mask.shape
+        if self.native is not None:  # its products take every thread themselves; the rest is one-thread work
+            with torch.no_grad(), _threads(1):
+                return self.native.step(input_ids, attention_mask, position_ids, cache, capture)
         one_thread = rows <= self.kernel_max_rows and rows * keys <= ONE_THREAD_MAX_KEYS
         with torch.no_grad(), _threads(1 if one_thread else None):
             return self._step(input_ids, attention_mask, position_ids, cache, capture)

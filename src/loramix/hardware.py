@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramix import native_fp16
+from loramix import native
 from loramix.cpu_kernels import adapt_cpu_linears, fbgemm_fp16_available, load_dtype
 from loramix.errors import OptionError
 from loramix.options import option
@@ -124,7 +124,7 @@ def cpu_dtype_verdict() -> dict:
 
     candidates = cpu_dtype_candidates()
     key = (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | rows {PROBE_ROWS} | "
-           f"{','.join(candidates)} | fp16 on {'all threads' if native_fp16.library() else 'one thread'}")  # fmt: skip
+           f"{','.join(candidates)} | fp16 on {'all threads' if native.library() else 'one thread'}")  # fmt: skip
     path = loramix_home() / "cpu_dtype_probe.json"
     try:
         known = json.loads(path.read_text(encoding="utf-8"))

@@ -1,15 +1,16 @@
-"""FBGEMM's fp16-weight product on every thread torch uses, through a small compiled shim.
+"""loramix's native CPU kernels: a small C++ library (`csrc/native.cpp`) built once per torch version into the
+loramix home against the FBGEMM inside torch's own library, and loaded with ctypes.
 
-torch calls FBGEMM's fp16 product (`torch.fbgemm_linear_fp16_weight_fp32_activation`) on one thread. A decode step's
-products are bound by how fast the weights stream from memory, and on a small CPU one core reads them at about
-half the machine's rate: two processes streaming weights at once each kept one's speed (BENCHMARKS.md, "FBGEMM's
-fp16 product on both cores"). FBGEMM itself splits a product's output columns over threads (its `thread_id` of
-`num_threads`), each column through the same kernel in the same order as on one thread, so the products are torch's
-bit for bit.
+- FBGEMM's fp16-weight product on every thread torch uses (`PackedHalf`). torch calls it on one thread. A decode
+  step's products are bound by how fast the weights stream from memory, and on a small CPU one core reads them at
+  about half the machine's rate: two processes streaming weights at once each kept one's speed (BENCHMARKS.md,
+  "Native kernels"). FBGEMM splits a product's output columns over threads (its `thread_id` of `num_threads`),
+  each column through the same kernel in the same order as on one thread: the products are torch's bit for bit.
+- The small operators of a Llama decode step, one call each (`add_rms`, `rope`, `silu_mul`, `lora`, `attend`), for
+  `loramix.native_step`.
 
-`csrc/half_gemm.cpp` calls it: a few lines of C++ compiled once per torch version into the loramix home against the
-FBGEMM inside torch's own library, and loaded with ctypes. Where it cannot be built or does not match torch's
-product on a probe (no C++ compiler, not x86, `LORAMIX_NATIVE=0`), `library()` is None and callers keep torch's call.
+Where the library cannot be built or its product does not match torch's on a probe (no C++ compiler, a CPU
+without AVX2, `LORAMIX_NATIVE=0`), `library()` is None and callers keep torch's operators.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ import torch
 
 from loramix.paths import PACKAGE_ROOT, loramix_home
 
-SOURCE = PACKAGE_ROOT / "csrc" / "half_gemm.cpp"
+SOURCE = PACKAGE_ROOT / "csrc" / "native.cpp"
 STUB_HEADERS = PACKAGE_ROOT / "csrc" / "stub"  # asmjit's, which FBGEMM's headers include and torch does not ship
 BUILD_SECONDS = 180
+# AVX2 and FMA, as FBGEMM's fp16 product needs; no contraction of a product and a sum into one rounding (torch's
+# elementwise operators round each)
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 
 
 def _torch_dirs() -> tuple[Path, Path]:
@@ -43,7 +47,7 @@ def _build_key() -> str:
     digest = hashlib.sha256(SOURCE.read_bytes())
     for header in sorted(STUB_HEADERS.rglob("*.h")):
         digest.update(header.read_bytes())
-    digest.update(f"{torch.__version__} {platform.machine()}".encode())
+    digest.update(f"{torch.__version__} {platform.machine()} {FLAGS}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -57,7 +61,7 @@ def _build(target: Path) -> bool:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         command = [
-            compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-I{STUB_HEADERS}", f"-I{include}",
+            compiler, *FLAGS, f"-I{STUB_HEADERS}", f"-I{include}",
             str(SOURCE), "-o", str(built), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
         ]  # fmt: skip
         try:
@@ -74,6 +78,17 @@ def _declare(shim: ctypes.CDLL) -> ctypes.CDLL:
     shim.loramix_half_free.restype, shim.loramix_half_free.argtypes = None, [pointer]
     shim.loramix_half_gemm.restype = None
     shim.loramix_half_gemm.argtypes = [integer, pointer, pointer, pointer, pointer, integer]
+    real, whole = ctypes.c_float, ctypes.c_long
+    declared = {
+        "loramix_add_rms": [integer, integer, pointer, pointer, pointer, real, pointer, pointer],
+        "loramix_rope": [integer, integer, integer, pointer, pointer, pointer],
+        "loramix_silu_mul": [whole, pointer, pointer, integer],
+        "loramix_lora": [integer, integer, integer, integer, pointer, pointer, pointer, pointer, pointer],
+        "loramix_attend": [integer] * 5 + [real] + [pointer] * 5 + [integer],
+    }
+    for name, argtypes in declared.items():
+        function = getattr(shim, name)
+        function.restype, function.argtypes = None, argtypes
     return shim
 
 
@@ -92,7 +107,9 @@ def library() -> ctypes.CDLL | None:
     """The compiled shim, built on first use; None where it cannot be built or does not match torch's product."""
     if os.environ.get("LORAMIX_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    target = loramix_home() / "native" / f"half_gemm-{_build_key()}.so"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # the library is built for AVX2 and FMA
+        return None
+    target = loramix_home() / "native" / f"native-{_build_key()}.so"
     if not target.is_file() and not _build(target):
         return None
     try:
@@ -131,3 +148,54 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedHalf | None:
     """`weight` packed for the shim on torch's thread count, or None where there is no shim."""
     shim = library()
     return None if shim is None else PackedHalf(weight, bias, torch.get_num_threads(), shim)
+
+
+# ---- the small operators of a decode step (fp32, contiguous; see csrc/native.cpp) ----
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def add_rms(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(h + delta, rms_norm(h + delta) * weight) for h [rows, d]; without delta, (a copy of h, its norm)."""
+    summed, normed = torch.empty_like(h), torch.empty_like(h)
+    rows, width = h.shape
+    library().loramix_add_rms(
+        rows, width, h.data_ptr(), _address(delta), weight.data_ptr(), eps, summed.data_ptr(), normed.data_ptr()
+    )
+    return summed, normed
+
+
+def rope(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [rows, heads * dim] rotated in place at each row's cos and sin [rows, dim]."""
+    library().loramix_rope(x.shape[0], heads, cos.shape[-1], x.data_ptr(), cos.data_ptr(), sin.data_ptr())
+    return x
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, threads: int) -> torch.Tensor:
+    """silu(gate) * up, into gate."""
+    library().loramix_silu_mul(gate.numel(), gate.data_ptr(), up.data_ptr(), threads)
+    return gate
+
+
+def lora(x: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, b_t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y [rows, out] += ((x A^T) * scale) B: the experts' exact mixture (A [rank, in], b_t = B^T [rank, out])."""
+    rows, width = x.shape
+    library().loramix_lora(
+        rows, width, a.shape[0], b_t.shape[1], x.data_ptr(), a.data_ptr(), scale.data_ptr(), b_t.data_ptr(),
+        y.data_ptr(),
+    )  # fmt: skip
+    return y
+
+
+def attend(q, keys, values, mask: torch.Tensor | None, scaling: float, heads: int, threads: int) -> torch.Tensor:
+    """Attention of one query a row: q [rows, heads * dim], keys and values [rows, kv_heads, length, dim], mask
+    [rows, length] uint8 (None: every key) -> [rows, heads * dim]."""
+    rows, kv_heads, length, dim = keys.shape
+    out = torch.empty_like(q)
+    library().loramix_attend(
+        rows, heads, kv_heads, length, dim, scaling, q.data_ptr(), keys.data_ptr(), values.data_ptr(),
+        _address(mask), out.data_ptr(), threads,
+    )  # fmt: skip
+    return out
