@@ -248,3 +248,23 @@ def test_a_sequence_whose_step_fails_ends_alone_and_the_others_go_on(tiny_mixtur
 def test_a_tiny_temperature_is_greedy_not_a_crash(tiny_mixture):
     tiny = tiny_mixture.generate(PROMPTS[0], temperature=1e-40, max_new_tokens=8, seed=3)
     assert tiny.token_ids == tiny_mixture.generate(PROMPTS[0], max_new_tokens=8).token_ids
+
+
+def test_the_native_steps_cache_room_gives_the_tokens_of_transformers_cache_updates(tiny_bundle, monkeypatch):
+    """fp16 weights with loramix's native library: each layer's keys and values grow in place, in room after them
+    (`native_step._append`). Rows joining, leaving and re-running under new weights replace those tensors; the
+    tokens and log-probabilities must be those of transformers' own cache update, step for step."""
+    from loramix import native, native_step
+    from loramix.generation import MixtureModel
+
+    if native.library() is None:
+        pytest.skip("no native library here (no C++ compiler, or not x86)")
+    mixture = MixtureModel.from_bundle(tiny_bundle, device="cpu", dtype="fp16", embedder_dtype="fp32")
+    assert mixture.decoder is not None and mixture.decoder.native is not None
+    requests = [(prompt, GenerationOptions(**{**vars(options), "logprobs": 0})) for prompt, options in REQUESTS]
+    join_at = [0, 0, 2, 3, 3, 5, 7, 4]
+    with_room, _ = run_staggered(mixture, requests, join_at)
+    monkeypatch.setattr(native_step, "_append", lambda cache, index, key, value: cache.update(key, value, index))
+    without, _ = run_staggered(mixture, requests, join_at)
+    for ours, theirs in zip(with_room, without):
+        assert ours.token_ids == theirs.token_ids and ours.token_logprobs == theirs.token_logprobs

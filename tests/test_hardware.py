@@ -1,5 +1,5 @@
 """Placement's CPU side: bf16 Linears on a CPU without bf16 instructions take the bf16 kernel for a few rows and
-fp32 products of the same stored weights for more; fp16 weights take FBGEMM's product (without the native shim:
+fp32 products of the same stored weights for more; fp16 weights take FBGEMM's product (without the native library:
 for a few rows, and fp32 products for more) around fp32 activations; the auto dtype comes from a probe of both row
 counts."""
 
@@ -67,7 +67,7 @@ def test_only_bf16_models_on_cpus_without_bf16_instructions_are_adapted(monkeypa
 
 
 @needs_fbgemm
-def test_without_the_shim_fp16_weights_take_torchs_fbgemm_for_few_rows_and_fp32_products_for_many(monkeypatch):
+def test_without_native_kernels_fp16_weights_take_torchs_fbgemm_for_few_rows_and_fp32_products_for_many(monkeypatch):
     monkeypatch.setattr(native, "library", lambda: None)  # no compiler: torch's one-thread product
     width = UPCAST_CHUNK + 16  # two chunks of output rows
     model = torch.nn.Linear(32, width)

@@ -1,4 +1,4 @@
-"""The native fp16 shim (`loramix.native`): FBGEMM's fp16 product on several threads, bit for bit torch's
+"""The native library (`loramix.native`): FBGEMM's fp16 product on several threads, bit for bit torch's
 one-thread product at every row count, with and without a bias; built once into the loramix home; where it cannot
 be built, None and torch's product, never an error."""
 
@@ -27,7 +27,7 @@ def fresh_library(monkeypatch, tmp_path):
     native.library.cache_clear()
 
 
-def test_the_shim_builds_here(fresh_library):
+def test_the_native_library_builds_here(fresh_library):
     """This machine has a C++ compiler and torch ships FBGEMM's headers: CI must not fall back silently."""
     if os.environ.get("CI") != "true" and native.library() is None:
         pytest.skip("no C++ compiler outside CI")
@@ -51,7 +51,7 @@ def test_products_on_any_thread_count_are_torchs_bit_for_bit(rows, threads, with
     assert torch.equal(packed(x.view(1, rows, 96)), expected.view(1, rows, 1000))  # leading dimensions kept
 
 
-def test_without_a_compiler_there_is_no_shim_and_layers_keep_torchs_product(fresh_library, monkeypatch):
+def test_without_a_compiler_there_is_no_native_library_and_layers_keep_torchs_product(fresh_library, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     assert native.library() is None
     layer = torch.nn.Linear(64, 48)
@@ -62,12 +62,12 @@ def test_without_a_compiler_there_is_no_shim_and_layers_keep_torchs_product(fres
     assert not (fresh_library / "native").exists() or not any((fresh_library / "native").iterdir())
 
 
-def test_loramix_native_0_turns_the_shim_off(fresh_library, monkeypatch):
+def test_loramix_native_0_turns_the_native_library_off(fresh_library, monkeypatch):
     monkeypatch.setenv("LORAMIX_NATIVE", "0")
     assert native.library() is None
 
 
-def test_a_layer_with_the_shim_takes_every_row_count_through_fbgemm():
+def test_a_layer_with_the_native_library_takes_every_row_count_through_fbgemm():
     if native.library() is None:
         pytest.skip("no C++ compiler here")
     layer = torch.nn.Linear(64, 48)
@@ -120,22 +120,25 @@ def test_silu_mul_and_the_experts_mixture_are_torchs_to_rounding():
     generator = torch.Generator().manual_seed(2)
     gate, up = torch.randn(2, 5, 300, generator=generator).unbind(0)
     assert torch.allclose(native.silu_mul(gate.clone(), up, 2), torch.nn.functional.silu(gate) * up, atol=1e-6)
-    for rows in (1, 5, 16):  # the four-row blocks and the rows after them
-        x, a = torch.randn(rows, 96, generator=generator), torch.randn(24, 96, generator=generator)
-        b, scale = torch.randn(80, 24, generator=generator), torch.randn(rows, 24, generator=generator)
+    for rows, rank in ((1, 24), (5, 24), (16, 24), (33, 64)):  # four-row blocks, rows after them; 33: on threads
+        x, a = torch.randn(rows, 96, generator=generator), torch.randn(rank, 96, generator=generator)
+        b, scale = torch.randn(80, rank, generator=generator), torch.randn(rows, rank, generator=generator)
         y = torch.randn(rows, 80, generator=generator)
         expected = y + torch.nn.functional.linear(torch.nn.functional.linear(x, a) * scale, b)
-        assert torch.allclose(native.lora(x, a, scale, b.t().contiguous(), y), expected, rtol=1e-5, atol=1e-4)
+        ours = native.lora(x, a, scale, b.t().contiguous(), y, 2)
+        assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-4)
 
 
 @needs_library
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("length", [7, 300])  # 300: rows and heads shared among threads
-def test_attend_is_sdpa_of_one_query_with_grouped_heads_and_padding(padded, length):
+@pytest.mark.parametrize("with_room", [False, True])  # keys and values as views of a cache with room after them
+def test_attend_is_sdpa_of_one_query_with_grouped_heads_and_padding(padded, length, with_room):
     generator = torch.Generator().manual_seed(3)
     rows, heads, kv_heads, dim = 3, 6, 2, 32
     q = torch.randn(rows, heads, 1, dim, generator=generator)
-    keys, values = torch.randn(2, rows, kv_heads, length, dim, generator=generator).unbind(0)
+    room = torch.randn(2, rows, kv_heads, length + 5 * with_room, dim, generator=generator)
+    keys, values = room[..., :length, :].unbind(0)
     mask = torch.ones(rows, length, dtype=torch.bool)
     if padded:
         mask[0, :4], mask[2, :1] = False, False  # left padding, as a joined batch has

@@ -11,7 +11,7 @@ everywhere (BENCHMARKS.md, "Half-precision weights on a CPU"), hence two layers:
   FBGEMM's fp16 product, which takes fp32 activations and accumulates in fp32: only the weights are rounded, to 11
   significant bits (bf16 keeps 8), and the model around them (embeddings, norms, attention, the experts' LoRA
   matrices, the KV cache) stays fp32. torch runs FBGEMM's product on one thread; `loramix.native` runs it on all
-  of torch's threads, faster than fp32 at every row count. Without that shim, from HALF_KERNEL_MAX_ROWS rows on
+  of torch's threads, faster than fp32 at every row count. Without that library, from HALF_KERNEL_MAX_ROWS rows on
   (prefill) the fp16 weight is converted to fp32 in chunks and multiplied on all threads instead.
 """
 

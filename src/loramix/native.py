@@ -52,7 +52,7 @@ def _build_key() -> str:
 
 
 def _build(target: Path) -> bool:
-    """Compile the shim to `target` (written whole or not at all, so concurrent builds cannot half-write it)."""
+    """Compile the library to `target` (written whole or not at all, so concurrent builds cannot half-write it)."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     include, lib = _torch_dirs()
     if compiler is None or not (include / "fbgemm" / "FbgemmFP16.h").is_file():
@@ -72,39 +72,40 @@ def _build(target: Path) -> bool:
     return True
 
 
-def _declare(shim: ctypes.CDLL) -> ctypes.CDLL:
+def _declare(compiled: ctypes.CDLL) -> ctypes.CDLL:
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    shim.loramix_half_pack.restype, shim.loramix_half_pack.argtypes = pointer, [integer, integer, pointer]
-    shim.loramix_half_free.restype, shim.loramix_half_free.argtypes = None, [pointer]
-    shim.loramix_half_gemm.restype = None
-    shim.loramix_half_gemm.argtypes = [integer, pointer, pointer, pointer, pointer, integer]
+    compiled.loramix_half_pack.restype, compiled.loramix_half_pack.argtypes = pointer, [integer, integer, pointer]
+    compiled.loramix_half_free.restype, compiled.loramix_half_free.argtypes = None, [pointer]
+    compiled.loramix_half_gemm.restype = None
+    compiled.loramix_half_gemm.argtypes = [integer, pointer, pointer, pointer, pointer, integer]
     real, whole = ctypes.c_float, ctypes.c_long
     declared = {
         "loramix_add_rms": [integer, integer, pointer, pointer, pointer, real, pointer, pointer],
         "loramix_rope": [integer, integer, integer, pointer, pointer, pointer],
         "loramix_silu_mul": [whole, pointer, pointer, integer],
-        "loramix_lora": [integer, integer, integer, integer, pointer, pointer, pointer, pointer, pointer],
-        "loramix_attend": [integer] * 5 + [real] + [pointer] * 5 + [integer],
+        "loramix_lora": [integer] * 4 + [pointer] * 5 + [integer],
+        "loramix_attend": [integer] * 5 + [real] + [pointer] * 3 + [whole] * 2 + [pointer] * 2 + [integer],
+        "loramix_append": [integer] * 3 + [whole] * 2 + [integer] + [pointer] * 2,
     }
     for name, argtypes in declared.items():
-        function = getattr(shim, name)
+        function = getattr(compiled, name)
         function.restype, function.argtypes = None, argtypes
-    return shim
+    return compiled
 
 
-def _matches_torch(shim: ctypes.CDLL) -> bool:
-    """The shim's product of a random layer on several threads, against torch's: equal to the last bit?"""
+def _matches_torch(compiled: ctypes.CDLL) -> bool:
+    """The library's product of a random layer on several threads, against torch's: equal to the last bit?"""
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(200, 72, generator=generator), torch.randn(200, generator=generator)
     x = torch.randn(3, 72, generator=generator)
-    layer = PackedHalf(weight, bias, threads=2, shim=shim)
+    layer = PackedHalf(weight, bias, threads=2, compiled=compiled)
     expected = torch.fbgemm_linear_fp16_weight_fp32_activation(x, torch.fbgemm_pack_gemm_matrix_fp16(weight), bias)
     return torch.equal(layer(x), expected)
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled shim, built on first use; None where it cannot be built or does not match torch's product."""
+    """The compiled library, built on first use; None where it cannot be built or does not match torch's product."""
     if os.environ.get("LORAMIX_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # the library is built for AVX2 and FMA
@@ -113,8 +114,8 @@ def library() -> ctypes.CDLL | None:
     if not target.is_file() and not _build(target):
         return None
     try:
-        shim = _declare(ctypes.CDLL(str(target)))
-        return shim if _matches_torch(shim) else None
+        compiled = _declare(ctypes.CDLL(str(target)))
+        return compiled if _matches_torch(compiled) else None
     except (OSError, RuntimeError, AttributeError):
         return None
 
@@ -122,22 +123,22 @@ def library() -> ctypes.CDLL | None:
 class PackedHalf:
     """x [..., k] -> x W^T + b with W [n, k] stored as FBGEMM's packed fp16, computed on `threads` threads."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threads: int, shim: ctypes.CDLL):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threads: int, compiled: ctypes.CDLL):
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.threads, self._shim = threads, shim
+        self.threads, self._library = threads, compiled
         source = weight.detach().float().contiguous()
-        self.handle = shim.loramix_half_pack(self.in_features, self.out_features, source.data_ptr())
+        self.handle = compiled.loramix_half_pack(self.in_features, self.out_features, source.data_ptr())
         if not self.handle:
             raise RuntimeError("FBGEMM could not pack this weight.")
-        weakref.finalize(self, shim.loramix_half_free, self.handle)
+        weakref.finalize(self, compiled.loramix_half_free, self.handle)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         rows = x.numel() // self.in_features
         out = torch.empty(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.data_ptr()
-        self._shim.loramix_half_gemm(rows, x.data_ptr(), self.handle, bias, out.data_ptr(), self.threads)
+        self._library.loramix_half_gemm(rows, x.data_ptr(), self.handle, bias, out.data_ptr(), self.threads)
         return out
 
     def __deepcopy__(self, memo) -> PackedHalf:
@@ -145,9 +146,9 @@ class PackedHalf:
 
 
 def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedHalf | None:
-    """`weight` packed for the shim on torch's thread count, or None where there is no shim."""
-    shim = library()
-    return None if shim is None else PackedHalf(weight, bias, torch.get_num_threads(), shim)
+    """`weight` packed for the compiled on torch's thread count, or None where there is no compiled."""
+    compiled = library()
+    return None if compiled is None else PackedHalf(weight, bias, torch.get_num_threads(), compiled)
 
 
 # ---- the small operators of a decode step (fp32, contiguous; see csrc/native.cpp) ----
@@ -179,23 +180,32 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, threads: int) -> torch.Tensor
     return gate
 
 
-def lora(x: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, b_t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def lora(x: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, b_t: torch.Tensor, y: torch.Tensor, threads: int):
     """y [rows, out] += ((x A^T) * scale) B: the experts' exact mixture (A [rank, in], b_t = B^T [rank, out])."""
     rows, width = x.shape
     library().loramix_lora(
         rows, width, a.shape[0], b_t.shape[1], x.data_ptr(), a.data_ptr(), scale.data_ptr(), b_t.data_ptr(),
-        y.data_ptr(),
+        y.data_ptr(), threads,
     )  # fmt: skip
     return y
 
 
 def attend(q, keys, values, mask: torch.Tensor | None, scaling: float, heads: int, threads: int) -> torch.Tensor:
-    """Attention of one query a row: q [rows, heads * dim], keys and values [rows, kv_heads, length, dim], mask
-    [rows, length] uint8 (None: every key) -> [rows, heads * dim]."""
+    """Attention of one query a row: q [rows, heads * dim], keys and values [rows, kv_heads, length, dim] (each
+    position's dim values contiguous, rows and heads at any equal strides), mask [rows, length] uint8 (None: every
+    key) -> [rows, heads * dim]."""
     rows, kv_heads, length, dim = keys.shape
+    if keys.stride()[2:] != (dim, 1) or keys.stride() != values.stride():
+        keys, values = keys.contiguous(), values.contiguous()
     out = torch.empty_like(q)
     library().loramix_attend(
         rows, heads, kv_heads, length, dim, scaling, q.data_ptr(), keys.data_ptr(), values.data_ptr(),
-        _address(mask), out.data_ptr(), threads,
+        keys.stride(0), keys.stride(1), _address(mask), out.data_ptr(), threads,
     )  # fmt: skip
     return out
+
+
+def append(room: torch.Tensor, at: int, fresh: torch.Tensor) -> None:
+    """room [rows, heads, capacity, dim] at position `at` <- fresh [rows, heads, 1, dim] (contiguous)."""
+    rows, heads, _, dim = room.shape
+    library().loramix_append(rows, heads, dim, room.stride(0), room.stride(1), at, fresh.data_ptr(), room.data_ptr())

@@ -21,8 +21,10 @@ import torch
 from loramix import native
 from loramix.mixture import MixtureLinear
 
+KV_ROOM = 64  # tokens of room each layer's keys and values keep after their length, so a step appends in place
 
-def _product(module: torch.nn.Module):
+
+def _product(module: torch.nn.Module, threads: int):
     """x [rows, in] -> [rows, out]: the module's fp16 weight through FBGEMM, plus its experts' mixture."""
     if not isinstance(module, MixtureLinear):
         return module.kernel
@@ -34,10 +36,34 @@ def _product(module: torch.nn.Module):
         if not state.enabled:
             return y
         if state.coef_b is None and state.layer_rows is None and state.scale_a.shape[1] == 1:
-            return native.lora(x, module.lora_A, state.scale_a.view(len(x), -1), b_t, y)
+            return native.lora(x, module.lora_A, state.scale_a.view(len(x), -1), b_t, y, threads)
         return module.mix(x.unsqueeze(1), y.unsqueeze(1)).squeeze(1)  # merged modes, in-layer rules: its own maths
 
     return product
+
+
+def _append(cache, index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `cache.update` of one layer, written in place into room kept after its keys and values: a
+    `torch.cat` copies a layer's whole cache at every step (6 of a 16-row step's ~90 ms). The layer's keys and
+    values become views of the room, which everyone else reads as plain tensors; whoever sets other tensors there
+    (rows leaving, a batch joining, a prefill's own update) makes the next step take new room."""
+    layer = cache.layers[index]
+    if getattr(layer, "keys", None) is None:  # an empty cache (a prompt's first token): transformers' own start
+        return cache.update(key, value, index)
+    room, length = getattr(layer, "loramix_room", None), layer.keys.shape[-2]
+    if room is None or room[0] is not layer.keys or room[1] is not layer.values or room[2].shape[-2] <= length:
+        room = [None, None] + [_with_room(tensor, length + KV_ROOM) for tensor in (layer.keys, layer.values)]
+    native.append(room[2], length, key)
+    native.append(room[3], length, value)
+    layer.keys, layer.values = room[0], room[1] = room[2].narrow(2, 0, length + 1), room[3].narrow(2, 0, length + 1)
+    layer.loramix_room = room
+    return layer.keys, layer.values
+
+
+def _with_room(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    spacious = tensor.new_empty(*tensor.shape[:-2], capacity, tensor.shape[-1])
+    spacious[..., : tensor.shape[-2], :] = tensor
+    return spacious
 
 
 class NativeStep:
@@ -52,7 +78,7 @@ class NativeStep:
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)
             projections += (mlp.down_proj,)
-            self.layers.append((*norms, attn.scaling, *(_product(module) for module in projections)))
+            self.layers.append((*norms, attn.scaling, *(_product(module, self.threads) for module in projections)))
 
     def step(self, input_ids, attention_mask, position_ids, cache, capture: tuple[int, ...] = ()):
         inner, rows = self.model.model, input_ids.shape[0]
@@ -76,7 +102,7 @@ class NativeStep:
         rows, dim, kv_heads = h.shape[0], self.head_dim, self.kv_heads
         q = native.rope(q_proj(x), self.heads, cos, sin)
         k = native.rope(k_proj(x), kv_heads, cos, sin)
-        keys, values = cache.update(k.view(rows, kv_heads, 1, dim), v_proj(x).view(rows, kv_heads, 1, dim), index)
-        out = native.attend(q, keys.contiguous(), values.contiguous(), mask, scaling, self.heads, self.threads)
+        keys, values = _append(cache, index, k.view(rows, kv_heads, 1, dim), v_proj(x).view(rows, kv_heads, 1, dim))
+        out = native.attend(q, keys, values, mask, scaling, self.heads, self.threads)
         h, x = native.add_rms(h, o_proj(out), post_norm.weight, post_norm.variance_epsilon)
         return h, down_proj(native.silu_mul(gate_proj(x), up_proj(x), self.threads))

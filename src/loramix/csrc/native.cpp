@@ -15,7 +15,7 @@
 #include <vector>
 
 using Packed = fbgemm::PackedGemmMatrixFP16;
-constexpr long PARALLEL_WORK = 1 << 16;  // values from which the small operators are shared among threads
+constexpr long PARALLEL_WORK = 1 << 14;  // values from which the small operators are shared among threads
 
 extern "C" {
 
@@ -96,13 +96,16 @@ void loramix_silu_mul(long n, float* gate, const float* up, int threads) {
 // the experts' exact mixture: y [rows, out] += ((x [rows, in] A^T) * scale [rows, rank]) B, A [rank, in],
 // b_t = B^T [rank, out] (loramix.mixture's `exact` mode)
 void loramix_lora(int rows, int in, int rank, int out, const float* x, const float* a, const float* scale,
-                  const float* b_t, float* y) {
+                  const float* b_t, float* y, int threads) {
   std::vector<float> low((long)rows * rank);
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) {  // four rows at a time: four independent sums, each row of A read once for them
-    const float *x0 = x + (long)r * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
-    for (int j = 0; j < rank; ++j) {
-      const float* aj = a + (long)j * in;
+  const bool parallel = (long)rows * rank * (in + out) >= 8 * PARALLEL_WORK;
+  const int blocks = rows / 4;
+#pragma omp parallel for num_threads(threads) if (parallel)
+  for (int j = 0; j < rank; ++j) {
+    const float* aj = a + (long)j * in;
+    for (int block = 0; block < blocks; ++block) {  // four rows at a time: four independent sums
+      const int r = 4 * block;
+      const float *x0 = x + (long)r * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
       float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
       for (int i = 0; i < in; ++i) {
@@ -114,20 +117,17 @@ void loramix_lora(int rows, int in, int rank, int out, const float* x, const flo
       const float sums[4] = {d0, d1, d2, d3};
       for (int k = 0; k < 4; ++k) low[(long)(r + k) * rank + j] = sums[k] * scale[(long)(r + k) * rank + j];
     }
-  }
-  for (; r < rows; ++r) {
-    const float* xr = x + (long)r * in;
-    for (int j = 0; j < rank; ++j) {
-      const float* aj = a + (long)j * in;
+    for (int r = 4 * blocks; r < rows; ++r) {
+      const float* xr = x + (long)r * in;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
       for (int i = 0; i < in; ++i) dot += xr[i] * aj[i];
       low[(long)r * rank + j] = dot * scale[(long)r * rank + j];
     }
   }
-  std::vector<float> delta(out);  // B's delta of a row, summed before it is added (as torch's y + hB)
-  for (r = 0; r < rows; ++r) {
-    for (int o = 0; o < out; ++o) delta[o] = 0.0f;
+#pragma omp parallel for num_threads(threads) if (parallel)
+  for (int r = 0; r < rows; ++r) {
+    std::vector<float> delta(out, 0.0f);  // B's delta of a row, summed before it is added (as torch's y + hB)
     for (int j = 0; j < rank; ++j) {
       const float coefficient = low[(long)r * rank + j];
       const float* bj = b_t + (long)j * out;
@@ -139,11 +139,13 @@ void loramix_lora(int rows, int in, int rank, int out, const float* x, const flo
   }
 }
 
-// attention of one query a row: q [rows, heads, dim], keys and values [rows, kv_heads, length, dim], mask
+// attention of one query a row: q [rows, heads, dim], keys and values [rows, kv_heads, length, dim] (a row and a
+// head `row_stride` and `head_stride` values apart: views of a cache with room after its length), mask
 // [rows, length] (nonzero: attend; null: all), out [rows, heads, dim]; query head h reads key head h / (heads /
 // kv_heads), as transformers' repeat_kv; rows and heads shared among `threads` threads from PARALLEL_WORK products
 void loramix_attend(int rows, int heads, int kv_heads, int length, int dim, float scaling, const float* q,
-                    const float* keys, const float* values, const unsigned char* mask, float* out, int threads) {
+                    const float* keys, const float* values, long row_stride, long head_stride,
+                    const unsigned char* mask, float* out, int threads) {
   const int group = heads / kv_heads;
   const bool parallel = (long)rows * heads * length * dim >= PARALLEL_WORK;
 #pragma omp parallel for collapse(2) num_threads(threads) if (parallel)
@@ -151,9 +153,9 @@ void loramix_attend(int rows, int heads, int kv_heads, int length, int dim, floa
     for (int head = 0; head < heads; ++head) {
       const unsigned char* allowed = mask == nullptr ? nullptr : mask + (long)r * length;
       std::vector<float> weights(length);
-      const long kv = (long)r * kv_heads + head / group;
-      const float* k = keys + kv * length * dim;
-      const float* v = values + kv * length * dim;
+      const long kv = (long)r * row_stride + (long)(head / group) * head_stride;
+      const float* k = keys + kv;
+      const float* v = values + kv;
       const float* query = q + ((long)r * heads + head) * dim;
       float top = -std::numeric_limits<float>::infinity();
       for (int t = 0; t < length; ++t) {
@@ -178,6 +180,19 @@ void loramix_attend(int rows, int heads, int kv_heads, int length, int dim, floa
         const float* vt = v + (long)t * dim;
         for (int i = 0; i < dim; ++i) o[i] += share * vt[i];
       }
+    }
+  }
+}
+
+// one position of a cache with room: room [rows, heads, capacity, dim] (rows and heads `row_stride` and
+// `head_stride` values apart) at position `at` <- fresh [rows, heads, dim]
+void loramix_append(int rows, int heads, int dim, long row_stride, long head_stride, int at, const float* fresh,
+                    float* room) {
+  for (int r = 0; r < rows; ++r) {
+    for (int head = 0; head < heads; ++head) {
+      const float* from = fresh + ((long)r * heads + head) * dim;
+      float* to = room + (long)r * row_stride + (long)head * head_stride + (long)at * dim;
+      for (int i = 0; i < dim; ++i) to[i] = from[i];
     }
   }
 }
