@@ -53,7 +53,7 @@ def test_info_json(tmp_path):
     done = run_cli("info", "--json", home=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    for key in ("version", "cache_dir", "default_bundle", "base_model_path", "embedder_path"):
+    for key in ("version", "cache_dir", "default_bundle", "base_model_path", "embedder_path", "native_kernels"):
         assert key in report
     assert report["cache_dir"] == str(tmp_path)
     assert os.path.isdir(report["embedder_path"])

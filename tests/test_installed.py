@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from loramix import native
 from loramix.paths import REPO_ROOT
 
 pytestmark = pytest.mark.real
@@ -70,6 +71,8 @@ def test_the_wheel_installed_elsewhere_finds_its_bundle_and_generates(tmp_path):
     info = json.loads(_run([str(python), "-m", "loramix", "info", "--json"], elsewhere, _environment()).stdout)
     assert info["default_bundle"] == str(target / "loramix" / "bundles" / "smollm2-135m")
     assert Path(info["default_bundle"], "router_hidden.safetensors").is_file()
+    if native.library() is not None:  # the wheel ships the native kernels' source: they build from it too
+        assert info["native_kernels"].startswith("in use") and "/native/native-" in info["native_kernels"]
     where = _run([str(python), "-c", "import loramix; print(loramix.__file__)"], elsewhere, _environment())
     assert where.stdout.strip().startswith(str(target))
     generated = _run([str(python), "-m", "loramix", "generate", "Question: What is 2 + 3?\n\nAnswer:",

@@ -22,16 +22,16 @@ pytestmark = pytest.mark.skipif(not (x86 and fbgemm_fp16_available()), reason="F
 def fresh_library(monkeypatch, tmp_path):
     """library() built anew into an empty loramix home (and forgotten again after the test)."""
     monkeypatch.setenv("LORAMIX_HOME", str(tmp_path))
-    native.library.cache_clear()
+    native._load.cache_clear()
     yield tmp_path
-    native.library.cache_clear()
+    native._load.cache_clear()
 
 
 def test_the_native_library_builds_here(fresh_library):
     """This machine has a C++ compiler and torch ships FBGEMM's headers: CI must not fall back silently."""
     if os.environ.get("CI") != "true" and native.library() is None:
         pytest.skip("no C++ compiler outside CI")
-    assert native.library() is not None
+    assert native.library() is not None and native.status().startswith("in use")
     assert [path.suffix for path in (fresh_library / "native").iterdir()] == [".so"]
 
 
@@ -53,7 +53,7 @@ def test_products_on_any_thread_count_are_torchs_bit_for_bit(rows, threads, with
 
 def test_without_a_compiler_there_is_no_native_library_and_layers_keep_torchs_product(fresh_library, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
-    assert native.library() is None
+    assert native.library() is None and "no C++ compiler" in native.status() and "set CXX" in native.status()
     layer = torch.nn.Linear(64, 48)
     pack_fp16_linears(torch.nn.Sequential(layer))
     assert type(layer) is HalfWeightLinear and layer.kernel_max_rows == 32  # torch's one-thread kernel, as before
@@ -64,7 +64,7 @@ def test_without_a_compiler_there_is_no_native_library_and_layers_keep_torchs_pr
 
 def test_loramix_native_0_turns_the_native_library_off(fresh_library, monkeypatch):
     monkeypatch.setenv("LORAMIX_NATIVE", "0")
-    assert native.library() is None
+    assert native.library() is None and native.status() == "off (LORAMIX_NATIVE=0)"
 
 
 def test_a_layer_with_the_native_library_takes_every_row_count_through_fbgemm():

@@ -51,12 +51,15 @@ def _build_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(target: Path) -> bool:
-    """Compile the library to `target` (written whole or not at all, so concurrent builds cannot half-write it)."""
+def _build(target: Path) -> str | None:
+    """Compile the library to `target` (written whole or not at all, so concurrent builds cannot half-write it);
+    None, or why it could not be built."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     include, lib = _torch_dirs()
-    if compiler is None or not (include / "fbgemm" / "FbgemmFP16.h").is_file():
-        return False
+    if compiler is None:
+        return f"no C++ compiler ('{os.environ.get('CXX', 'g++')}' not found; install g++ or set CXX)"
+    if not (include / "fbgemm" / "FbgemmFP16.h").is_file():
+        return "this torch ships no FBGEMM headers"
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
@@ -65,11 +68,13 @@ def _build(target: Path) -> bool:
             str(SOURCE), "-o", str(built), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
         ]  # fmt: skip
         try:
-            subprocess.run(command, check=True, capture_output=True, timeout=BUILD_SECONDS)
-        except (OSError, subprocess.SubprocessError):
-            return False
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=BUILD_SECONDS)
+        except subprocess.CalledProcessError as exc:
+            return f"the build failed: {(exc.stderr or '').strip().splitlines()[-1:] or exc}"
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"the build failed: {exc}"
         os.replace(built, target)
-    return True
+    return None
 
 
 def _declare(compiled: ctypes.CDLL) -> ctypes.CDLL:
@@ -104,20 +109,36 @@ def _matches_torch(compiled: ctypes.CDLL) -> bool:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled library, built on first use; None where it cannot be built or does not match torch's product."""
-    if os.environ.get("LORAMIX_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # the library is built for AVX2 and FMA
-        return None
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The library (built on first use) and what `loramix info` says of it; None and why where there is none."""
+    if os.environ.get("LORAMIX_NATIVE", "1") == "0":
+        return None, "off (LORAMIX_NATIVE=0)"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"not built for {platform.machine()} (x86 with AVX2 only)"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # built for AVX2 and FMA
+        return None, "this CPU has no AVX2"
     target = loramix_home() / "native" / f"native-{_build_key()}.so"
-    if not target.is_file() and not _build(target):
-        return None
+    if not target.is_file() and (why := _build(target)):
+        return None, why
     try:
         compiled = _declare(ctypes.CDLL(str(target)))
-        return compiled if _matches_torch(compiled) else None
-    except (OSError, RuntimeError, AttributeError):
-        return None
+        if not _matches_torch(compiled):
+            return None, "its fp16 product differed from torch's here: not used"
+    except (OSError, RuntimeError, AttributeError) as exc:
+        return None, f"could not be loaded: {exc}"
+    return (
+        compiled,
+        f"in use (FBGEMM's fp16 product on {torch.get_num_threads()} threads, the fp16 decode step): {target}",
+    )
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library; None where it cannot be built or does not match torch's product (`status` says why)."""
+    return _load()[0]
+
+
+def status() -> str:
+    return _load()[1]
 
 
 class PackedHalf:

@@ -45,9 +45,9 @@ def git_revision() -> str | None:
 
 
 def installation_report() -> dict:
-    """What `loramix info` shows: versions, cache, default bundle, base model, embedder, data, and what
-    --device auto --dtype auto choose here (on a CPU, with the dtype probe's times)."""
-    from loramix import __version__
+    """What `loramix info` shows: versions, cache, default bundle, base model, embedder, data, what
+    --device auto --dtype auto choose here (on a CPU, with the dtype probe's times), and loramix's native kernels."""
+    from loramix import __version__, native
     from loramix.bundle import default_bundle_path
     from loramix.errors import LoramixError
     from loramix.hardware import DTYPE_NAMES, PROBE_ROWS, Placement, cpu_dtype_candidates, cpu_dtype_verdict
@@ -83,6 +83,7 @@ def installation_report() -> dict:
         "embedder_path": attempt(lambda: resolve_embedder(DEFAULT_EMBEDDER)),
         "data_dir": attempt(data_dir),
         "auto_placement": auto,
+        "native_kernels": native.status(),
         "versions": package_versions(),
     }
 
