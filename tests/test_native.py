@@ -62,6 +62,11 @@ def test_without_a_compiler_there_is_no_native_library_and_layers_keep_torchs_pr
     assert not (fresh_library / "native").exists() or not any((fresh_library / "native").iterdir())
 
 
+def test_a_cache_it_cannot_write_to_leaves_torchs_products_with_the_reason(fresh_library, monkeypatch):
+    (fresh_library / "native").write_text("a file where the folder would go")
+    assert native.library() is None and "could not be written" in native.status()
+
+
 def test_loramix_native_0_turns_the_native_library_off(fresh_library, monkeypatch):
     monkeypatch.setenv("LORAMIX_NATIVE", "0")
     assert native.library() is None and native.status() == "off (LORAMIX_NATIVE=0)"

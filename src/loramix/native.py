@@ -60,7 +60,14 @@ def _build(target: Path) -> str | None:
         return f"no C++ compiler ('{os.environ.get('CXX', 'g++')}' not found; install g++ or set CXX)"
     if not (include / "fbgemm" / "FbgemmFP16.h").is_file():
         return "this torch ships no FBGEMM headers"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return _compile(compiler, include, lib, target)
+    except OSError as exc:  # a read-only cache, a full disk
+        return f"could not be written to {target.parent}: {exc}"
+
+
+def _compile(compiler: str, include: Path, lib: Path, target: Path) -> str | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         command = [
@@ -71,7 +78,7 @@ def _build(target: Path) -> str | None:
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=BUILD_SECONDS)
         except subprocess.CalledProcessError as exc:
             return f"the build failed: {(exc.stderr or '').strip().splitlines()[-1:] or exc}"
-        except (OSError, subprocess.SubprocessError) as exc:
+        except subprocess.SubprocessError as exc:
             return f"the build failed: {exc}"
         os.replace(built, target)
     return None
