@@ -11,6 +11,7 @@
 #   scripts/llama_server.sh compare        # side by side in one run: both servers at each of $TYPES (default f16 f32),
 #                                          # one fixed mix (and loramix's default route), $ROUNDS rounds
 #                                          # -> benchmarks/peer-side-by-side/*.json
+#   scripts/llama_server.sh mixtures       # the same, every request its own mixture (llama-server cannot batch them)
 #
 # A request picks its mixture as llama.cpp does, per request: "lora": [{"id": 0, "scale": 0.25}, ...]
 # (`loramix loadtest --model smollm2 --flavour llama.cpp --scenario mixtures`); requests with different LoRA settings
@@ -100,8 +101,30 @@ compare)
     done
   done
   ;;
+mixtures)
+  # every request its own mixture of the four experts (`--scenario mixtures`): llama-server batches only requests
+  # with equal LoRA scales, loramix mixes per row; at each of $TYPES (default f16), $TAG into the files' names
+  out=benchmarks/peer-side-by-side
+  mkdir -p "$out"
+  client=(.venv/bin/loramix loadtest --clients "${CLIENTS:-1,16}" --requests 16 --max-tokens 48 --scenario mixtures)
+  declare -A ours=([f32]=fp32 [f16]=fp16 [bf16]=bf16)
+  up() { for _ in $(seq 1 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
+  for type in ${TYPES:-f16}; do
+    "$0" serve $type >"$WORK/llama-server-$type.log" 2>&1 &
+    server=$!
+    up "http://127.0.0.1:$PORT" && "${client[@]}" --url "http://127.0.0.1:$PORT" --model smollm2 --flavour llama.cpp \
+      --out "$out/llama-server-$type-mixtures${TAG:-}.json"
+    kill $server; wait $server 2>/dev/null || true
+    dtype=${ours[$type]}
+    .venv/bin/loramix serve --port $((PORT + 1)) --device cpu --dtype $dtype >"$WORK/loramix-$dtype.log" 2>&1 &
+    server=$!
+    up "http://127.0.0.1:$((PORT + 1))" && "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" \
+      --out "$out/loramix-$dtype-mixtures${TAG:-}.json"
+    kill $server; wait $server 2>/dev/null || true
+  done
+  ;;
 *)
-  echo "usage: scripts/llama_server.sh build|convert|serve [f32|bf16] [SCALE]|compare" >&2
+  echo "usage: scripts/llama_server.sh build|convert|serve [f32|bf16] [SCALE]|compare|mixtures" >&2
   exit 2
   ;;
 esac
