@@ -268,3 +268,40 @@ def test_the_native_steps_cache_room_gives_the_tokens_of_transformers_cache_upda
     without, _ = run_staggered(mixture, requests, join_at)
     for ours, theirs in zip(with_room, without):
         assert ours.token_ids == theirs.token_ids and ours.token_logprobs == theirs.token_logprobs
+
+
+def test_greedy_rows_of_a_lane_are_picked_together_and_a_row_of_nan_ends_alone(tiny_mixture, monkeypatch):
+    """Greedy tokens come from one argmax over the lane's rows (`sampler.greedy_tokens`), the tokens `choose_token`
+    gives row by row; a row whose logits are not finite ends with the sampler's error, the others go on."""
+    from loramix import sampler
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=generator)
+    logits[1, 7], logits[3, 2] = float("nan"), float("inf")
+    assert sampler.greedy_tokens(logits) == [sampler.choose_token(logits[0], 0.0), None,
+                                             sampler.choose_token(logits[2], 0.0), None]  # fmt: skip
+    from loramix.runner import ModelRunner
+
+    real_decode = ModelRunner.decode
+    doomed = tiny_mixture.new_sequence(PROMPTS[1], GenerationOptions(max_new_tokens=8), 1)
+
+    def decode_with_a_broken_row(runner, lane):
+        real_decode(runner, lane)
+        for row, seq in enumerate(lane.rows):
+            if seq is doomed and len(seq.token_ids) == 2:
+                lane.logits[row, 5] = float("nan")
+
+    monkeypatch.setattr(ModelRunner, "decode", decode_with_a_broken_row)
+    others = [tiny_mixture.new_sequence(p, o, i + 2) for i, (p, o) in enumerate(REQUESTS[:2])]
+    engine = Engine(tiny_mixture)
+    for seq in [doomed, *others]:
+        engine.add(seq)
+    events = []
+    while engine.busy:
+        events += engine.step()
+    failures = [e for e in events if e.finish_reason == "error"]
+    assert [e.sequence for e in failures] == [1] and "not finite" in failures[0].error
+    assert len(doomed.token_ids) == 2
+    monkeypatch.undo()
+    for seq, (prompt, options) in zip(others, REQUESTS[:2]):
+        assert seq.token_ids == alone(tiny_mixture, prompt, options).token_ids

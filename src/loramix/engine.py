@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from loramix.runner import Lane, ModelRunner, left_pad, left_padded_positions
-from loramix.sampler import choose_token, token_logprobs
+from loramix.sampler import GREEDY_BELOW, choose_token, greedy_tokens, token_logprobs
 from loramix.scheduler import MIXTURE, ROUTING, Budgets, ChunkSizer, Scheduler
 from loramix.sequences import SequenceState, TokenEvent
 
@@ -137,11 +137,12 @@ class Engine:
 
     def _pick_tokens(self, lane: Lane) -> list[TokenEvent]:
         events, keep = [], []
+        greedy = greedy_tokens(lane.logits) if lane.rows else []
         for row, seq in enumerate(lane.rows):
             if seq.cancelled:
                 continue
             try:
-                events.append(self._pick(seq, lane.logits[row]))
+                events.append(self._pick(seq, lane.logits[row], greedy[row]))
             except Exception as exc:  # noqa: BLE001 - this sequence alone ends; the batch goes on
                 events.append(seq.fail(_describe(exc)))
             if not seq.finished:
@@ -149,14 +150,16 @@ class Engine:
         lane.keep(keep)
         return events
 
-    def _pick(self, seq: SequenceState, logits: torch.Tensor) -> TokenEvent:
+    def _pick(self, seq: SequenceState, logits: torch.Tensor, greedy: int | None) -> TokenEvent:
+        """`greedy`: the row's argmax from the whole lane's (None where its logits are not finite)."""
         options = seq.options
+        banned = seq.banned_tokens(self.mx.eos_ids)
         if options.forced:  # teacher forcing: the gold token, whatever the model prefers
             token_id = options.forced[seq.step]
+        elif greedy is not None and options.temperature < GREEDY_BELOW and greedy not in banned:
+            token_id = greedy  # what choose_token gives (the first largest logit), from one pass over the lane
         else:
-            token_id = choose_token(
-                logits, options.temperature, options.top_p, seq.generator, seq.banned_tokens(self.mx.eos_ids)
-            )
+            token_id = choose_token(logits, options.temperature, options.top_p, seq.generator, banned)
         if options.logprobs is not None:
             logprob, top = token_logprobs(logits, token_id, options.logprobs)
             seq.token_logprobs.append(logprob)

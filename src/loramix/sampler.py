@@ -46,6 +46,14 @@ def choose_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int | None]:
+    """Each row's greedy token for a whole batch [rows, vocab] in four operators (per row it is five a row); None for
+    a row whose logits are not finite (its `choose_token` then says why)."""
+    unusable = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
+    best = logits.argmax(dim=-1)
+    return [None if bad else token for bad, token in zip(unusable.tolist(), best.tolist())]
+
+
 def token_logprobs(logits: torch.Tensor, token_id: int, alternatives: int) -> tuple[float, list[tuple[int, float]]]:
     """The chosen token's log-probability, and the `alternatives` likeliest tokens with theirs."""
     logprobs = logits.float().log_softmax(dim=-1)
