@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from loramix import runner
+from loramix import packing, runner
 from loramix.generation import GenerationOptions, GenerationStream
-from loramix.packing import MAX_PACKED_TOKENS, pack, unpack_cache, worth_packing
+from loramix.packing import (
+    MAX_PACKED_TOKENS,
+    PER_SEQUENCE_ATTENTION,
+    _attention_per_sequence,
+    attention_per_sequence,
+    pack,
+    unpack_cache,
+    worth_packing,
+)
 
 ORIGINAL_PACKS = runner.ModelRunner._packs
 PROMPTS = [
@@ -23,6 +31,23 @@ def test_a_packed_row_attends_within_each_prompt_only():
     assert packed.rows.tolist() == [0, 0, 0, 1, 1] and packed.ends.tolist() == [2, 4]
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]])
     assert torch.equal(packed.mask[0, 0], expected.bool())
+
+
+def test_packed_attention_takes_each_prompt_on_its_own_as_the_block_diagonal_mask_does():
+    """Grouped heads (6 queries, 2 keys): each sequence's causal SDPA on its own equals SDPA of the whole row under
+    the packed mask, to float rounding (sum(l^2) scores in place of T^2)."""
+    generator = torch.Generator().manual_seed(0)
+    packed = pack([[1] * 5, [2] * 9, [3] * 2], torch.device("cpu"))
+    q = torch.randn(1, 6, 16, 8, generator=generator)
+    k, v = torch.randn(2, 1, 2, 16, 8, generator=generator).unbind(0)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=packed.mask, scale=0.4, enable_gqa=True)
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    with attention_per_sequence(model, packed):
+        assert model.config._attn_implementation == PER_SEQUENCE_ATTENTION
+        ours, _ = _attention_per_sequence(None, q, k, v, packed.mask, scaling=0.4)
+    assert model.config._attn_implementation == "sdpa"  # only for the packed pass
+    assert torch.allclose(ours, dense.transpose(1, 2), atol=1e-6)
 
 
 def test_packing_is_only_for_groups_that_padding_would_waste():
@@ -57,11 +82,15 @@ def _first_steps(mixture, options, packing: bool, monkeypatch):
 
 
 def test_packed_prefill_gives_the_padded_prefills_tokens_and_numbers(tiny_mixture, monkeypatch):
+    attended = []  # each layer of a packed pass attends each prompt on its own
+    real = packing._attention_per_sequence
+    monkeypatch.setattr(packing, "_attention_per_sequence", lambda *a, **k: attended.append(1) or real(*a, **k))
     for route in ("fixed:0.5,0.3,0.2", "hidden:1/softmax", "base"):
         options = GenerationOptions(route=route, max_new_tokens=6, min_new_tokens=6, logprobs=0)
+        attended.clear()
         packed, used = _first_steps(tiny_mixture, options, True, monkeypatch)
         padded, _ = _first_steps(tiny_mixture, options, False, monkeypatch)
-        assert used >= 1, route  # the prompts' lengths differ enough: packed
+        assert used >= 1 and len(attended) >= 2, route  # the prompts' lengths differ enough: packed
         for ours, theirs in zip(packed, padded):
             assert ours.token_ids == theirs.token_ids, route
             assert max(abs(a - b) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-4

@@ -9,6 +9,7 @@ Hidden-state routing also needs the base model's own states (experts off) for a 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from pathlib import Path
@@ -25,7 +26,7 @@ from loramix.hardware import describe, resolve_device, resolve_dtype
 from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter
 from loramix.mixture import MixtureState, attach_experts
 from loramix.models import base_model_signature, load_base_model
-from loramix.packing import Packed
+from loramix.packing import Packed, attention_per_sequence
 from loramix.router import CentroidRouter, Embedder
 
 
@@ -160,11 +161,12 @@ class RoutedModel:
             if self.decoder is not None and input_ids.shape[1] == 1:
                 logits, hidden = self.decoder.step(input_ids, attention_mask, position_ids, cache, capture)
             else:
-                out = self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                    logits_to_keep=1 if packed is None else packed.ends, output_hidden_states=bool(capture),
-                    **{self._cache_keyword: cache},
-                )  # fmt: skip
+                with _per_sequence(self.model, packed):
+                    out = self.model(
+                        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                        logits_to_keep=1 if packed is None else packed.ends, output_hidden_states=bool(capture),
+                        **{self._cache_keyword: cache},
+                    )  # fmt: skip
                 hidden = {layer: out.hidden_states[layer] for layer in capture}
                 logits = (out.logits[:, -1, :] if packed is None else out.logits[0]).float()
             records, state.layer_rows, state.layer_record = state.layer_record, None, []
@@ -173,10 +175,13 @@ class RoutedModel:
             torch.cuda.synchronize(logits.device)
         return logits, cache, hidden
 
-    def base_hidden_states(self, input_ids, attention_mask, position_ids, layers: tuple[int, ...], cache=None) -> dict:
+    def base_hidden_states(
+        self, input_ids, attention_mask, position_ids, layers: tuple[int, ...], cache=None, packed: Packed | None = None
+    ) -> dict:
         """{layer: [batch, seq, hidden]}: the base model's own states (experts off: what the centroids were built
         from) after each layer in `layers`. The pass ends after the deepest of them; `cache` (optional) keeps
-        the keys and values of the layers that ran, so a long prompt can be taken in chunks."""
+        the keys and values of the layers that ran, so a long prompt can be taken in chunks; `packed`: the pass is
+        that packed row (`loramix.packing`)."""
         deepest = max(layers)
         seen: dict[int, torch.Tensor] = {}
         hooks = []
@@ -194,11 +199,12 @@ class RoutedModel:
         with self._forward_lock, torch.no_grad():
             self.set_weights(None)
             try:
-                out = self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=cache is not None, logits_to_keep=1, output_hidden_states=not hooks,
-                    **{self._cache_keyword: cache},
-                )  # fmt: skip
+                with _per_sequence(self.model, packed):
+                    out = self.model(
+                        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=cache is not None, logits_to_keep=1, output_hidden_states=not hooks,
+                        **{self._cache_keyword: cache},
+                    )  # fmt: skip
                 seen = {layer: out.hidden_states[layer] for layer in layers}
             except _ReachedLayer:
                 pass
@@ -223,3 +229,8 @@ class RoutedModel:
                 f"A prompt of {prompt_tokens} tokens plus {max_new_tokens} new tokens exceeds the model's "
                 f"{limit}-token context; shorten the prompt or lower --max-new-tokens."
             )
+
+
+def _per_sequence(model: torch.nn.Module, packed: Packed | None):
+    """A packed pass's attention, each sequence on its own (`packing.attention_per_sequence`); else as it is."""
+    return contextlib.nullcontext() if packed is None else attention_per_sequence(model, packed)

@@ -174,7 +174,7 @@ class ModelRunner:
             texts = [job.text for job in work.jobs]
             if self._packs(texts):
                 packed = pack(texts, self.mx.device)
-                states = self.mx.base_hidden_states(packed.ids, packed.mask, packed.positions, layers)
+                states = self.mx.base_hidden_states(packed.ids, packed.mask, packed.positions, layers, packed=packed)
                 sums = {layer: segment_sums(state.float(), packed).cpu() for layer, state in states.items()}
             else:
                 ids, mask, positions = self._tensors(texts)
