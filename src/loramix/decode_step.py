@@ -14,9 +14,10 @@ attention the same SDPA call with the same mask (none without padding, the paddi
 are transformers', bit for bit. `LeanDecoder.build` returns one only for models whose layers have exactly this
 shape, and only after a decode step through it has matched transformers' (`check`).
 
-With fp16 weights on a CPU (`cpu_kernels.HalfWeightLinear`) every product of a decode step runs on one thread
-anyway (FBGEMM's), and the rest is too small to share: the step runs on one thread, so that attention and the
-experts' products do not wake the others (measured 41 against 46 ms per step at one row).
+With fp16 weights on a CPU (`cpu_kernels.HalfWeightLinear`) and loramix's native library built, the step is
+`native_step.NativeStep`'s: this layer in native kernels, to float rounding. Without that library every product of
+the step is torch's one-thread FBGEMM call, and the rest is too small to share: the step runs on one thread, so that
+attention and the experts' products do not wake the others (measured 41 against 46 ms per step at one row).
 """
 
 from __future__ import annotations

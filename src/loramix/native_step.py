@@ -3,7 +3,7 @@
 The layer of `loramix.decode_step` (its docstring has the maths), with each run of small operators one native call:
 
     h, x = add_rms(h, mlp_out, input_norm)           # the last layer's residual, then this layer's RMSNorm
-    q, k, v = q_proj(x), k_proj(x), v_proj(x);  rope(q), rope(k);  K, V = cache.update(k, v)
+    q, k, v = q_proj(x), k_proj(x), v_proj(x);  rope(q), rope(k);  K, V = append(cache, k, v)
     h, x' = add_rms(h, o_proj(attend(q, K, V, mask)), post_norm)
     mlp_out = down(silu_mul(gate(x'), up(x')))
 
