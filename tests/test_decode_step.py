@@ -201,3 +201,42 @@ def test_a_step_that_differs_from_transformers_is_never_used(every_projection, m
     rope = decode_step._rope_factors
     monkeypatch.setattr(decode_step, "_rope_factors", lambda cos, sin: rope(cos, -sin))  # rotating the wrong way
     assert LeanDecoder.build(model) is None
+
+
+@pytest.mark.skipif(native.library() is None, reason="no native library here (no C++ compiler, or not x86)")
+@pytest.mark.parametrize("padded", [False, True])
+def test_short_prefills_in_native_kernels_agree_with_transformers(every_projection, padded):
+    """A prompt of several tokens a row (left-padded rows among them), then a chunk of four more on its cache: the
+    native step's logits, captured hidden states and the next decode step agree with transformers' to float
+    rounding; merged modes keep transformers' prefill."""
+    from loramix.native_step import native_prefill
+
+    mixture = _mixture(every_projection, half=True)
+    generator = torch.Generator().manual_seed(5)
+    rows = 3 if padded else 1
+    ids = torch.randint(3, mixture.model.config.vocab_size, (rows, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5], mask[2, :2] = 0, 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    weights = torch.rand(rows, len(mixture.expert_names), generator=generator).softmax(dim=-1)
+    results, lean = [], mixture.decoder
+    mixture.set_weights(weights)
+    assert lean.native is not None and native_prefill(lean, ids[:, :8], mask[:, :8], mixture.state)
+    for decoder in (None, lean):
+        mixture.decoder = decoder
+        first, cache, hidden = mixture.forward(
+            ids[:, :8], mask[:, :8], positions[:, :8], None, weights, "exact", (1, 2)
+        )
+        chunk, cache, _ = mixture.forward(ids[:, 8:11], mask[:, :11], positions[:, 8:11], cache, weights, "exact")
+        step, _, _ = mixture.forward(ids[:, 11:], mask, positions[:, 11:], cache, weights, "exact")
+        results.append((first, hidden, chunk, step))
+    mixture.decoder = lean
+    (first, hidden, chunk, step), (ours_first, ours_hidden, ours_chunk, ours_step) = results
+    for ours, theirs in ((ours_first, first), (ours_chunk, chunk), (ours_step, step)):
+        assert _close(ours, theirs) and torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    real_rows = mask[:, :8].bool()  # padding positions' states are never read
+    assert all(_close(ours_hidden[i][real_rows], hidden[i][real_rows]) for i in (1, 2))
+    mixture.state.set_mode("linear")
+    assert not native_prefill(lean, ids, mask, mixture.state)  # merged: one set of factors a row, transformers'
+    mixture.state.set_mode("exact")

@@ -267,6 +267,7 @@ def test_the_native_steps_cache_room_gives_the_tokens_of_transformers_cache_upda
     monkeypatch.setattr(native_step, "_append", lambda cache, index, key, value: cache.update(key, value, index))
     without, _ = run_staggered(mixture, requests, join_at)
     for ours, theirs in zip(with_room, without):
+        assert ours.error is None and theirs.error is None, (ours.error, theirs.error)
         assert ours.token_ids == theirs.token_ids and ours.token_logprobs == theirs.token_logprobs
 
 

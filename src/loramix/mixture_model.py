@@ -26,6 +26,7 @@ from loramix.hardware import describe, resolve_device, resolve_dtype
 from loramix.hidden_router import HIDDEN_ROUTER_FILE, HiddenRouter
 from loramix.mixture import MixtureState, attach_experts
 from loramix.models import base_model_signature, load_base_model
+from loramix.native_step import native_prefill
 from loramix.packing import Packed, attention_per_sequence
 from loramix.router import CentroidRouter, Embedder
 
@@ -158,7 +159,10 @@ class RoutedModel:
             if layer_rows is not None and weights is not None:
                 state.log_prior = weights.float().log().unsqueeze(1).to(self.device)
             state.layer_record = []
-            if self.decoder is not None and input_ids.shape[1] == 1:
+            one_token = input_ids.shape[1] == 1
+            if self.decoder is not None and (
+                one_token or packed is None and native_prefill(self.decoder, input_ids, attention_mask, state)
+            ):
                 logits, hidden = self.decoder.step(input_ids, attention_mask, position_ids, cache, capture)
             else:
                 with _per_sequence(self.model, packed):

@@ -96,7 +96,7 @@ def _declare(compiled: ctypes.CDLL) -> ctypes.CDLL:
         "loramix_rope": [integer, integer, integer, pointer, pointer, pointer],
         "loramix_silu_mul": [whole, pointer, pointer, integer],
         "loramix_lora": [integer] * 4 + [pointer] * 5 + [integer],
-        "loramix_attend": [integer] * 5 + [real] + [pointer] * 3 + [whole] * 2 + [pointer] * 2 + [integer],
+        "loramix_attend": [integer] * 6 + [real] + [pointer] * 3 + [whole] * 2 + [pointer] * 2 + [integer],
         "loramix_append": [integer] * 3 + [whole] * 2 + [integer] + [pointer] * 2,
     }
     for name, argtypes in declared.items():
@@ -211,6 +211,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, threads: int) -> torch.Tensor
 def lora(x: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, b_t: torch.Tensor, y: torch.Tensor, threads: int):
     """y [rows, out] += ((x A^T) * scale) B: the experts' exact mixture (A [rank, in], b_t = B^T [rank, out])."""
     rows, width = x.shape
+    assert scale.is_contiguous() and x.is_contiguous(), "the native mixture reads its operands contiguous"
     library().loramix_lora(
         rows, width, a.shape[0], b_t.shape[1], x.data_ptr(), a.data_ptr(), scale.data_ptr(), b_t.data_ptr(),
         y.data_ptr(), threads,
@@ -219,16 +220,16 @@ def lora(x: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, b_t: torch.Tenso
 
 
 def attend(q, keys, values, mask: torch.Tensor | None, scaling: float, heads: int, threads: int) -> torch.Tensor:
-    """Attention of one query a row: q [rows, heads * dim], keys and values [rows, kv_heads, length, dim] (each
-    position's dim values contiguous, rows and heads at any equal strides), mask [rows, length] uint8 (None: every
-    key) -> [rows, heads * dim]."""
+    """Attention of the last T positions of each row, causal: q [rows * T, heads * dim], keys and values [rows,
+    kv_heads, length, dim] (each position's dim values contiguous, rows and heads at any equal strides), mask
+    [rows, length] uint8 (None: every key) -> [rows * T, heads * dim]."""
     rows, kv_heads, length, dim = keys.shape
     if keys.stride()[2:] != (dim, 1) or keys.stride() != values.stride():
         keys, values = keys.contiguous(), values.contiguous()
     out = torch.empty_like(q)
     library().loramix_attend(
-        rows, heads, kv_heads, length, dim, scaling, q.data_ptr(), keys.data_ptr(), values.data_ptr(),
-        keys.stride(0), keys.stride(1), _address(mask), out.data_ptr(), threads,
+        rows, q.shape[0] // rows, heads, kv_heads, length, dim, scaling, q.data_ptr(), keys.data_ptr(),
+        values.data_ptr(), keys.stride(0), keys.stride(1), _address(mask), out.data_ptr(), threads,
     )  # fmt: skip
     return out
 

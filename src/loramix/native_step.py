@@ -22,6 +22,16 @@ from loramix import native
 from loramix.mixture import MixtureLinear
 
 KV_ROOM = 64  # tokens of room each layer's keys and values keep after their length, so a step appends in place
+PREFILL_MAX_PAIRS = 32 * 1024  # new tokens x keys up to which a prefill takes the native step (its attention is
+# plain loops: past that, SDPA's kernel is faster)
+
+
+def native_prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, state) -> bool:
+    """Whether a pass of several new tokens a row goes through the native step: a short prompt or chunk, the
+    experts off or mixed `exact` without in-layer rules (merged modes build per-row factors for one token a row)."""
+    mixes_per_token = state.enabled and (state.coef_b is not None or state.layer_rows is not None)
+    short = input_ids.shape[1] * attention_mask.shape[1] <= PREFILL_MAX_PAIRS
+    return getattr(decoder, "native", None) is not None and short and not mixes_per_token
 
 
 def _product(module: torch.nn.Module, threads: int):
@@ -36,7 +46,9 @@ def _product(module: torch.nn.Module, threads: int):
         if not state.enabled:
             return y
         if state.coef_b is None and state.layer_rows is None and state.scale_a.shape[1] == 1:
-            return native.lora(x, module.lora_A, state.scale_a.view(len(x), -1), b_t, y, threads)
+            scale = state.scale_a  # [rows, 1, R]; a prompt's tokens each take their row's
+            scale = scale.expand(-1, len(x) // len(scale), -1).reshape(len(x), -1).contiguous()  # (a view: stride 0)
+            return native.lora(x, module.lora_A, scale, b_t, y, threads)
         return module.mix(x.unsqueeze(1), y.unsqueeze(1)).squeeze(1)  # merged modes, in-layer rules: its own maths
 
     return product
@@ -50,14 +62,22 @@ def _append(cache, index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[
     layer = cache.layers[index]
     if getattr(layer, "keys", None) is None:  # an empty cache (a prompt's first token): transformers' own start
         return cache.update(key, value, index)
-    room, length = getattr(layer, "loramix_room", None), layer.keys.shape[-2]
-    if room is None or room[0] is not layer.keys or room[1] is not layer.values or room[2].shape[-2] <= length:
-        room = [None, None] + [_with_room(tensor, length + KV_ROOM) for tensor in (layer.keys, layer.values)]
-    native.append(room[2], length, key)
-    native.append(room[3], length, value)
-    layer.keys, layer.values = room[0], room[1] = room[2].narrow(2, 0, length + 1), room[3].narrow(2, 0, length + 1)
+    room, length, new = getattr(layer, "loramix_room", None), layer.keys.shape[-2], key.shape[-2]
+    if room is None or room[0] is not layer.keys or room[1] is not layer.values or room[2].shape[-2] < length + new:
+        room = [None, None] + [_with_room(tensor, length + new + KV_ROOM) for tensor in (layer.keys, layer.values)]
+    if new == 1:
+        native.append(room[2], length, key)
+        native.append(room[3], length, value)
+    else:  # a chunk of a prompt
+        room[2][..., length : length + new, :], room[3][..., length : length + new, :] = key, value
+    layer.keys, layer.values = room[0], room[1] = room[2].narrow(2, 0, length + new), room[3].narrow(2, 0, length + new)
     layer.loramix_room = room
     return layer.keys, layer.values
+
+
+def _per_head(states: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
+    """[rows * T, heads * dim] -> [rows, heads, T, dim] (a view), as the cache keeps keys and values."""
+    return states.view(rows, -1, heads, states.shape[-1] // heads).transpose(1, 2)
 
 
 def _with_room(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -81,28 +101,31 @@ class NativeStep:
             self.layers.append((*norms, attn.scaling, *(_product(module, self.threads) for module in projections)))
 
     def step(self, input_ids, attention_mask, position_ids, cache, capture: tuple[int, ...] = ()):
-        inner, rows = self.model.model, input_ids.shape[0]
+        """Logits [rows, vocab] after the last of `input_ids` [rows, T] (T = 1: a decode step; more: a short prompt
+        or chunk, `native_prefill`), the hidden states in `capture` ({layer: [rows, T, d]}); the cache grows by T."""
+        inner, (rows, width) = self.model.model, input_ids.shape
         h = inner.embed_tokens(input_ids)
-        cos, sin = (part.reshape(rows, -1).contiguous() for part in inner.rotary_emb(h, position_ids=position_ids))
-        h = h.view(rows, -1)
+        tokens = rows * width
+        cos, sin = (part.reshape(tokens, -1).contiguous() for part in inner.rotary_emb(h, position_ids=position_ids))
+        h = h.view(tokens, -1)
         mask = None if bool(attention_mask.all()) else attention_mask.to(torch.uint8).contiguous()
         hidden, mlp_out = {}, None
         for index, parts in enumerate(self.layers):
             h, x = native.add_rms(h, mlp_out, parts[0].weight, parts[0].variance_epsilon)
             if index in capture:  # transformers' hidden_states[index]: the input of layer `index`
-                hidden[index] = h.view(rows, 1, -1)
-            h, mlp_out = self._layer(parts, index, h, x, cos, sin, mask, cache)
+                hidden[index] = h.view(rows, width, -1)
+            h, mlp_out = self._layer(parts, index, h, x, cos, sin, mask, cache, rows)
         h, x = native.add_rms(h, mlp_out, inner.norm.weight, inner.norm.variance_epsilon)
         if len(self.layers) in capture:  # transformers' last hidden state is the normed one
-            hidden[len(self.layers)] = x.view(rows, 1, -1)
-        return self.model.lm_head(x).float(), hidden
+            hidden[len(self.layers)] = x.view(rows, width, -1)
+        return self.model.lm_head(x.view(rows, width, -1)[:, -1]).float(), hidden
 
-    def _layer(self, parts, index: int, h, x, cos, sin, mask, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layer(self, parts, index: int, h, x, cos, sin, mask, cache, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         _, post_norm, scaling, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = parts
-        rows, dim, kv_heads = h.shape[0], self.head_dim, self.kv_heads
+        kv_heads = self.kv_heads
         q = native.rope(q_proj(x), self.heads, cos, sin)
         k = native.rope(k_proj(x), kv_heads, cos, sin)
-        keys, values = _append(cache, index, k.view(rows, kv_heads, 1, dim), v_proj(x).view(rows, kv_heads, 1, dim))
+        keys, values = _append(cache, index, _per_head(k, rows, kv_heads), _per_head(v_proj(x), rows, kv_heads))
         out = native.attend(q, keys, values, mask, scaling, self.heads, self.threads)
         h, x = native.add_rms(h, o_proj(out), post_norm.weight, post_norm.variance_epsilon)
         return h, down_proj(native.silu_mul(gate_proj(x), up_proj(x), self.threads))

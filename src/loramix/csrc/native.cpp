@@ -139,47 +139,52 @@ void loramix_lora(int rows, int in, int rank, int out, const float* x, const flo
   }
 }
 
-// attention of one query a row: q [rows, heads, dim], keys and values [rows, kv_heads, length, dim] (a row and a
-// head `row_stride` and `head_stride` values apart: views of a cache with room after its length), mask
-// [rows, length] (nonzero: attend; null: all), out [rows, heads, dim]; query head h reads key head h / (heads /
-// kv_heads), as transformers' repeat_kv; rows and heads shared among `threads` threads from PARALLEL_WORK products
-void loramix_attend(int rows, int heads, int kv_heads, int length, int dim, float scaling, const float* q,
-                    const float* keys, const float* values, long row_stride, long head_stride,
+// attention of `queries` new tokens a row (1 in a decode step; a prompt or a chunk of one in a prefill):
+// q [rows, queries, heads, dim], keys and values [rows, kv_heads, length, dim] whose last `queries` positions are
+// these tokens' (each position's dim values contiguous; a row and a head `row_stride` and `head_stride` values
+// apart: views of a cache with room after its length), mask [rows, length] (nonzero: attend; null: all), out
+// [rows, queries, heads, dim]. Query j sees keys up to its own position (causal); query head h reads key head
+// h / (heads / kv_heads), as transformers' repeat_kv; a query that sees no key (left padding) gets zeros.
+// (rows, queries, heads) are shared among `threads` threads from PARALLEL_WORK products.
+void loramix_attend(int rows, int queries, int heads, int kv_heads, int length, int dim, float scaling,
+                    const float* q, const float* keys, const float* values, long row_stride, long head_stride,
                     const unsigned char* mask, float* out, int threads) {
   const int group = heads / kv_heads;
-  const bool parallel = (long)rows * heads * length * dim >= PARALLEL_WORK;
-#pragma omp parallel for collapse(2) num_threads(threads) if (parallel)
-  for (int r = 0; r < rows; ++r) {
-    for (int head = 0; head < heads; ++head) {
-      const unsigned char* allowed = mask == nullptr ? nullptr : mask + (long)r * length;
-      std::vector<float> weights(length);
-      const long kv = (long)r * row_stride + (long)(head / group) * head_stride;
-      const float* k = keys + kv;
-      const float* v = values + kv;
-      const float* query = q + ((long)r * heads + head) * dim;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < length; ++t) {
-        if (allowed != nullptr && !allowed[t]) continue;
-        const float* kt = k + (long)t * dim;
-        float dot = 0.0f;
+  const long tasks = (long)rows * queries * heads;
+  const bool parallel = tasks * length * dim >= PARALLEL_WORK;
+#pragma omp parallel for num_threads(threads) if (parallel)
+  for (long task = 0; task < tasks; ++task) {
+    const int head = task % heads, j = (task / heads) % queries, r = task / ((long)heads * queries);
+    const int seen = length - queries + j + 1;  // causal: this query's own position and those before it
+    const unsigned char* allowed = mask == nullptr ? nullptr : mask + (long)r * length;
+    std::vector<float> weights(seen);
+    const long kv = (long)r * row_stride + (long)(head / group) * head_stride;
+    const float* k = keys + kv;
+    const float* v = values + kv;
+    const float* query = q + task * dim;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int t = 0; t < seen; ++t) {
+      if (allowed != nullptr && !allowed[t]) continue;
+      const float* kt = k + (long)t * dim;
+      float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int i = 0; i < dim; ++i) dot += query[i] * kt[i];
-        weights[t] = dot * scaling;
-        top = std::max(top, weights[t]);
-      }
-      float total = 0.0f;
-      for (int t = 0; t < length; ++t) {
-        weights[t] = (allowed != nullptr && !allowed[t]) ? 0.0f : std::exp(weights[t] - top);
-        total += weights[t];
-      }
-      float* o = out + ((long)r * heads + head) * dim;
-      for (int i = 0; i < dim; ++i) o[i] = 0.0f;
-      for (int t = 0; t < length; ++t) {
-        if (weights[t] == 0.0f) continue;
-        const float share = weights[t] / total;
-        const float* vt = v + (long)t * dim;
-        for (int i = 0; i < dim; ++i) o[i] += share * vt[i];
-      }
+      for (int i = 0; i < dim; ++i) dot += query[i] * kt[i];
+      weights[t] = dot * scaling;
+      top = std::max(top, weights[t]);
+    }
+    float total = 0.0f;
+    for (int t = 0; t < seen; ++t) {
+      weights[t] = (allowed != nullptr && !allowed[t]) ? 0.0f : std::exp(weights[t] - top);
+      total += weights[t];
+    }
+    float* o = out + task * dim;
+    for (int i = 0; i < dim; ++i) o[i] = 0.0f;
+    if (total == 0.0f) continue;  // every key masked: a padding position, whose output nothing reads
+    for (int t = 0; t < seen; ++t) {
+      if (weights[t] == 0.0f) continue;
+      const float share = weights[t] / total;
+      const float* vt = v + (long)t * dim;
+      for (int i = 0; i < dim; ++i) o[i] += share * vt[i];
     }
   }
 }
