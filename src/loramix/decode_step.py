@@ -139,7 +139,8 @@ class LeanDecoder:
 
     def step(self, input_ids, attention_mask, position_ids, cache, capture: tuple[int, ...] = ()):
         """Logits [b, vocab] of the token after `input_ids` [b, 1] and the hidden states after each layer in
-        `capture` ({layer: [b, 1, d]}, as transformers' `hidden_states[layer]`); the cache grows by one token."""
+        `capture` ({layer: [b, 1, d]}, as transformers' `hidden_states[layer]`); the cache grows by one token. With
+        the native step, `input_ids` may be [b, T] (`native_step.native_prefill`): the states are then [b, T, d]."""
         rows, keys = attention_mask.shape
         if self.native is not None:  # its products take every thread themselves; the rest is one-thread work
             with torch.no_grad(), _threads(1):

@@ -165,8 +165,8 @@ class PackedHalf:
         x = x.contiguous()
         rows = x.numel() // self.in_features
         out = torch.empty(*x.shape[:-1], self.out_features)
-        bias = None if self.bias is None else self.bias.data_ptr()
-        self._library.loramix_half_gemm(rows, x.data_ptr(), self.handle, bias, out.data_ptr(), self.threads)
+        bias, library = _address(self.bias), self._library
+        library.loramix_half_gemm(rows, x.data_ptr(), self.handle, bias, out.data_ptr(), self.threads)
         return out
 
     def __deepcopy__(self, memo) -> PackedHalf:
@@ -174,7 +174,7 @@ class PackedHalf:
 
 
 def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedHalf | None:
-    """`weight` packed for the compiled on torch's thread count, or None where there is no compiled."""
+    """`weight` packed for the native library's product on torch's thread count, or None where there is none."""
     compiled = library()
     return None if compiled is None else PackedHalf(weight, bias, torch.get_num_threads(), compiled)
 

@@ -46,8 +46,11 @@ def _product(module: torch.nn.Module, threads: int):
         if not state.enabled:
             return y
         if state.coef_b is None and state.layer_rows is None and state.scale_a.shape[1] == 1:
-            scale = state.scale_a  # [rows, 1, R]; a prompt's tokens each take their row's
-            scale = scale.expand(-1, len(x) // len(scale), -1).reshape(len(x), -1).contiguous()  # (a view: stride 0)
+            scale = state.scale_a  # [rows, 1, R]: a decode step's rows; a prefill's tokens each take their row's
+            if len(scale) == len(x):
+                scale = scale.view(len(x), -1)
+            else:  # the expanded view has stride 0 over tokens: the native mixture reads it contiguous
+                scale = scale.expand(-1, len(x) // len(scale), -1).reshape(len(x), -1).contiguous()
             return native.lora(x, module.lora_A, scale, b_t, y, threads)
         return module.mix(x.unsqueeze(1), y.unsqueeze(1)).squeeze(1)  # merged modes, in-layer rules: its own maths
 

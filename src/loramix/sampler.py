@@ -47,8 +47,8 @@ def choose_token(
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int | None]:
-    """Each row's greedy token for a whole batch [rows, vocab] in four operators (per row it is five a row); None for
-    a row whose logits are not finite (its `choose_token` then says why)."""
+    """Each row's greedy token for a whole batch [rows, vocab], in four operators for all rows (`choose_token` takes
+    five for each); None for a row whose logits are not finite (its `choose_token` then says why)."""
     unusable = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
     best = logits.argmax(dim=-1)
     return [None if bad else token for bad, token in zip(unusable.tolist(), best.tolist())]
