@@ -11,8 +11,9 @@ everywhere (BENCHMARKS.md, "Half-precision weights on a CPU"), hence two layers:
   FBGEMM's fp16 product, which takes fp32 activations and accumulates in fp32: only the weights are rounded, to 11
   significant bits (bf16 keeps 8), and the model around them (embeddings, norms, attention, the experts' LoRA
   matrices, the KV cache) stays fp32. torch runs FBGEMM's product on one thread; `loramix.native` runs it on all
-  of torch's threads: faster than fp32 up to ~128 rows, on a par from 512. Without that library, from HALF_KERNEL_MAX_ROWS rows on
-  (prefill) the fp16 weight is converted to fp32 in chunks and multiplied on all threads instead.
+  of torch's threads: faster than fp32 up to ~128 rows, on a par from 512. Without that library, from
+  HALF_KERNEL_MAX_ROWS rows on (prefill) the fp16 weight is converted to fp32 in chunks and multiplied on all threads
+  instead.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ class HalfWeightLinear(torch.nn.Linear):
     """An fp16 weight (and fp32 bias) applied to fp32 activations through FBGEMM's packed product. The fp16 weight
     stays a parameter (state dicts, PEFT and `.weight` readers see it); the packed copy is FBGEMM's, rebuilt from
     it. Where `loramix.native` is built the product runs on all of torch's threads and takes any number of rows
-    (faster than fp32 up to ~128 rows, on a par from 512); else on torch's one thread, for up to HALF_KERNEL_MAX_ROWS rows, and more
-    rows go through fp32 products of the converted weight."""
+    (faster than fp32 up to ~128 rows, on a par from 512); else on torch's one thread, for up to
+    HALF_KERNEL_MAX_ROWS rows, and more rows go through fp32 products of the converted weight."""
 
     kernel: Callable[[torch.Tensor], torch.Tensor]  # fp32 x -> x W^T + b through FBGEMM
     kernel_max_rows: float  # most rows `kernel` is the faster product for
